@@ -1,0 +1,1 @@
+"""cvjax.convert."""

@@ -1,0 +1,1 @@
+"""Imports every architecture module so that its ``@MODELS.register`` decorators run."""
