@@ -1,0 +1,48 @@
+"""The interface the train loop uses for every family, and the task registry."""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Sequence, Tuple
+
+import jax
+import ml_collections
+
+from cvjax.registry import Registry
+
+TASKS = Registry("task")
+
+# Metrics travel as {name: (sum, count)}: summed over the global batch on device, divided on the host.
+Metrics = Dict[str, Tuple[jax.Array, jax.Array]]
+
+
+class Task:
+  """One family's objective. Subclasses register with ``@TASKS.register(name)``.
+
+  ``dataset_info`` carries ``num_classes`` and ``class_names`` of the input pipeline.
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict, num_classes: int, class_names: Sequence[str]):
+    self.config = config
+    self.num_classes = num_classes
+    self.class_names = list(class_names)
+
+  def model_inputs(self, batch: Dict[str, Any]) -> Tuple[tuple, dict]:
+    """Positional and keyword arguments of ``model.apply`` (besides variables and ``train``)."""
+    return (batch["image"],), {}
+
+  def loss(self, outputs: Any, batch: Dict[str, jax.Array]) -> Tuple[jax.Array, Metrics]:
+    """Scalar loss to minimise and metrics as (sum, count) pairs."""
+    raise NotImplementedError
+
+  def eval_outputs(self, outputs: Any, batch: Dict[str, jax.Array]) -> Dict[str, jax.Array]:
+    """Per-example arrays (leading batch axis) the host evaluator needs; must include ``mask``."""
+    raise NotImplementedError
+
+  def evaluator(self):
+    """A fresh host-side accumulator with ``update(np_outputs)`` and ``result() -> (scalars, details)``."""
+    raise NotImplementedError
+
+
+def create_task(config: ml_collections.ConfigDict, num_classes: int, class_names: Sequence[str]) -> Task:
+  from cvjax.tasks import classification  # noqa: F401  (registers)
+  return TASKS.get(config.task.name)(config, num_classes, class_names)

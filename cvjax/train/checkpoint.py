@@ -1,0 +1,88 @@
+"""Checkpoints with orbax: the train state (sharded arrays) plus each process's data-iterator position.
+
+Saves are asynchronous and written to a temporary directory that orbax renames only once complete, so a
+process killed mid-save leaves the previous checkpoint as the latest restorable one. Restoring takes the
+target shardings of the current run, so a checkpoint written on 8 devices restores on 1 and vice versa.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Dict, Optional
+
+import jax
+import orbax.checkpoint as ocp
+from absl import logging
+from etils import epath
+
+# Test hook: SIGKILL this process while a save of this step is in progress (see tests/train).
+_KILL_DURING_SAVE_ENV = "CVJAX_TEST_KILL_DURING_SAVE_STEP"
+
+
+class DataStateHandler(ocp.CheckpointHandler):
+  """Saves one JSON file per process: that process's input-iterator state (a JSON-serialisable dict)."""
+
+  @staticmethod
+  def _file(directory: epath.Path) -> epath.Path:
+    return directory / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+
+  def save(self, directory: epath.Path, args: "DataStateSave") -> None:
+    self._file(directory).write_text(json.dumps(args.state))
+    kill_step = os.environ.get(_KILL_DURING_SAVE_ENV)
+    if kill_step is not None and f"/{kill_step}." in str(directory):
+      logging.warning("test hook: killing the process during the save of step %s", kill_step)
+      os.kill(os.getpid(), 9)
+
+  def restore(self, directory: epath.Path, args: Optional["DataStateRestore"] = None) -> Optional[Dict]:
+    path = self._file(directory)
+    if not path.exists():
+      # Written with a different process count: the model state still restores; the data order restarts.
+      return None
+    return json.loads(path.read_text())
+
+  def metadata(self, directory: epath.Path) -> None:
+    return None
+
+
+@ocp.args.register_with_handler(DataStateHandler, for_save=True)
+@dataclasses.dataclass
+class DataStateSave(ocp.args.CheckpointArgs):
+  state: Dict[str, Any]
+
+
+@ocp.args.register_with_handler(DataStateHandler, for_restore=True)
+@dataclasses.dataclass
+class DataStateRestore(ocp.args.CheckpointArgs):
+  pass
+
+
+class Checkpointer:
+  """A keep-N, async orbax CheckpointManager over ``workdir/checkpoints``."""
+
+  def __init__(self, workdir: str, keep: int, async_save: bool = True):
+    self.directory = epath.Path(workdir) / "checkpoints"
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                           enable_async_checkpointing=async_save)
+    self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                         item_names=("state", "data"))
+
+  def latest_step(self) -> Optional[int]:
+    return self.manager.latest_step()
+
+  def save(self, step: int, state: Any, data_state: Dict[str, Any]) -> None:
+    self.manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), data=DataStateSave(data_state)))
+
+  def restore(self, step: int, abstract_state: Any):
+    """Returns ``(state, data_state or None)`` restored onto the shardings in ``abstract_state``."""
+    restored = self.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state), data=DataStateRestore()))
+    return restored.state, restored.data
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.close()

@@ -1,0 +1,78 @@
+"""The config keys every experiment has, and the preset selection used by every file in configs/.
+
+A config file is ``get_config(arg) -> ml_collections.ConfigDict``: it starts from ``base_config()``, fills the
+dataset/model/optimizer keys for its family, and applies a named preset (``configs/resnet.py:tiny``).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable, Dict, Optional
+
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Keys shared by every preset. Families override values; they add keys only inside the sub-dicts."""
+  c = ml_collections.ConfigDict()
+  c.name = ""            # family, e.g. 'resnet' (used for the default workdir name)
+  c.preset = ""          # preset name, e.g. 'default'
+  c.seed = 0
+  c.batch_size = 128     # global, over all processes and devices
+  c.total_steps = 1000
+  c.log_every = 50
+  c.eval_every = 500     # 0 disables periodic eval (a final eval still runs)
+  c.eval_steps = -1      # -1 = the whole eval split
+  c.checkpoint_every = 500
+  c.keep_checkpoints = 3
+  c.data_dir = os.environ.get("TFDS_DATA_DIR", os.path.expanduser("~/tensorflow_datasets"))
+  c.progress_bar = True
+
+  c.dataset = ml_collections.ConfigDict()
+  c.dataset.name = "shapes"
+  c.dataset.task = "classification"
+  c.dataset.train_split = "train"
+  c.dataset.eval_split = "validation"
+
+  c.model = ml_collections.ConfigDict()
+  c.model.name = ""
+  c.model.dtype = "float32"   # compute dtype; 'bfloat16' keeps float32 params
+
+  c.task = ml_collections.ConfigDict()
+  c.task.name = "classification"
+
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.name = "momentum"          # sgd | momentum | nesterov | adamw
+  c.optimizer.learning_rate = 0.1        # peak learning rate
+  c.optimizer.momentum = 0.9
+  c.optimizer.beta1 = 0.9
+  c.optimizer.beta2 = 0.999
+  c.optimizer.eps = 1e-8
+  c.optimizer.weight_decay = 0.0
+  c.optimizer.schedule = "cosine"        # cosine | step | constant
+  c.optimizer.warmup_steps = 0
+  c.optimizer.boundaries = ()            # step schedule: steps at which lr *= decay_factor
+  c.optimizer.decay_factor = 0.1
+  c.optimizer.end_lr_fraction = 0.0      # cosine floor, as a fraction of the peak
+  c.optimizer.grad_clip_norm = 0.0       # 0 disables global-norm clipping
+  # Per-parameter-group learning-rate multipliers: ((regex, multiplier), ...) matched against the
+  # '/'-joined parameter path (first match wins), e.g. (('backbone/.*', 0.1),).
+  c.optimizer.lr_multipliers = ()
+  c.optimizer.freeze = ()                # regexes of parameter paths that are not updated at all
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1                       # -1: all devices not used by the other axes
+  c.mesh.model = 1                       # > 1 shards large kernels' output dim over a 'model' axis
+  return c
+
+
+def select_preset(presets: Dict[str, Callable[[ml_collections.ConfigDict], None]],
+                  arg: Optional[str], config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Applies ``presets[arg or 'default']`` to ``config`` in place, names it and returns it locked."""
+  name = arg or "default"
+  if name not in presets:
+    raise ValueError(f"unknown preset {name!r} for config {config.name!r}; valid presets: {sorted(presets)}")
+  config.preset = name
+  presets[name](config)
+  config.lock()
+  return config

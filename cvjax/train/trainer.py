@@ -1,0 +1,249 @@
+"""The one train loop, for every family. Read it top to bottom.
+
+init: ``jax.eval_shape`` of the init function gives the state's structure; shardings are derived from it; the
+init is jitted with those ``out_shardings`` so parameters are created where they live. Then either the
+latest checkpoint in the workdir is restored onto the same shardings ("resuming from step N") or the state is
+initialised. Each step assembles the global batch from this process's slice, runs the jitted train step
+(which donates the state) and accumulates (sum, count) metrics on device; the host only looks at them every
+``log_every`` steps, so the loop never waits on the device between logs.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import time
+from typing import Any, Dict, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from cvjax.models import create_model
+from cvjax.tasks import Task, create_task
+from cvjax.train import sharding as sharding_lib
+from cvjax.train.checkpoint import Checkpointer
+from cvjax.train.logger import MetricsLogger
+from cvjax.train.optim import create_optimizer
+from cvjax.train.state import TrainState
+
+
+class NonFiniteLossError(FloatingPointError):
+  """The loss or gradients became NaN/Inf; the message names the step and the last good checkpoint."""
+
+
+def build_model(config: ml_collections.ConfigDict, num_classes: int):
+  """``create_model(config.model.name, **rest of config.model)``; ``num_classes`` 0 means from the data."""
+  kwargs = dict(config.model.to_dict())
+  name = kwargs.pop("name")
+  kwargs["dtype"] = jnp.dtype(kwargs.get("dtype", "float32"))
+  if not kwargs.get("num_classes"):
+    kwargs["num_classes"] = num_classes
+  return create_model(name, **kwargs)
+
+
+def _dummy_batch(pipeline, batch_size: int = 1) -> Dict[str, np.ndarray]:
+  """A zero batch with the pipeline's structure (shapes from one real batch of the eval iterator)."""
+  example = next(iter(pipeline.iterator()))
+  return jax.tree.map(lambda x: np.zeros((batch_size,) + x.shape[1:], x.dtype), example)
+
+
+def _train_step(model, task: Task, tx: optax.GradientTransformation, schedule,
+                state: TrainState, batch: Dict[str, jax.Array]) -> Tuple[TrainState, Dict]:
+  step_rng = jax.random.fold_in(state.rng, state.step)
+  args, kwargs = task.model_inputs(batch)
+
+  def loss_fn(params):
+    variables = {"params": params, "batch_stats": state.batch_stats}
+    outputs, new_model_state = model.apply(variables, *args, train=True, rngs={"dropout": step_rng},
+                                           mutable=["batch_stats"], **kwargs)
+    loss, metrics = task.loss(outputs, batch)
+    return loss, (metrics, new_model_state.get("batch_stats", state.batch_stats))
+
+  (loss, (metrics, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  grad_norm = optax.global_norm(grads)
+  # A non-finite loss or gradient skips the update (so the state stays good) and records the step; the host
+  # stops the run at the next log or checkpoint boundary with a message naming that step.
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+  nonfinite_step = jnp.where((state.nonfinite_step < 0) & ~finite, state.step, state.nonfinite_step)
+  new_state = state.replace(step=state.step + 1, params=keep(params, state.params),
+                            batch_stats=keep(batch_stats, state.batch_stats),
+                            opt_state=keep(opt_state, state.opt_state), nonfinite_step=nonfinite_step)
+  one = jnp.ones((), jnp.float32)
+  metrics = dict(metrics, grad_norm=(grad_norm, one), learning_rate=(schedule(state.step), one))
+  return new_state, metrics
+
+
+def _eval_step(model, task: Task, state: TrainState, batch: Dict[str, jax.Array]) -> Dict[str, jax.Array]:
+  args, kwargs = task.model_inputs(batch)
+  outputs = model.apply({"params": state.params, "batch_stats": state.batch_stats}, *args, train=False,
+                        **kwargs)
+  return task.eval_outputs(outputs, batch)
+
+
+class Experiment:
+  """Everything built from a config: mesh, pipelines, model, task, optimizer, jitted functions, state."""
+
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str, train: bool = True):
+    from cvjax.data import create_pipeline  # deferred: TFDS import is slow and only needed here
+
+    self.config = config
+    self.workdir = workdir
+    self.mesh = sharding_lib.create_mesh(config.mesh)
+    self.train_pipeline = (create_pipeline(config, config.dataset.train_split, train=True)
+                           if train else None)
+    self.eval_pipeline = create_pipeline(config, config.dataset.eval_split, train=False)
+    info = self.eval_pipeline
+    self.task = create_task(config, info.num_classes, info.class_names)
+    self.model = build_model(config, info.num_classes)
+    self.tx, self.schedule = create_optimizer(config.optimizer, config.total_steps)
+
+    dummy = _dummy_batch(self.eval_pipeline)
+    init_args, init_kwargs = self.task.model_inputs(dummy)
+
+    def init(rng) -> TrainState:
+      params_rng, dropout_rng = jax.random.split(rng)
+      variables = self.model.init({"params": params_rng, "dropout": dropout_rng}, *init_args, train=False,
+                                  **init_kwargs)
+      params = variables["params"]
+      return TrainState.create(params=params, batch_stats=variables.get("batch_stats", {}),
+                               opt_state=self.tx.init(params), rng=rng)
+
+    self.rng = jax.random.PRNGKey(config.seed)
+    self.abstract_state = jax.eval_shape(init, self.rng)
+    self.state_sharding = sharding_lib.parameter_sharding(self.mesh, self.abstract_state)
+    self._init = jax.jit(init, out_shardings=self.state_sharding)
+    replicated = NamedSharding(self.mesh, P())
+    self.train_step = jax.jit(
+        functools.partial(_train_step, self.model, self.task, self.tx, self.schedule),
+        donate_argnums=0, out_shardings=(self.state_sharding, replicated))
+    self.eval_step = jax.jit(functools.partial(_eval_step, self.model, self.task), out_shardings=replicated)
+    self.checkpointer = Checkpointer(workdir, config.keep_checkpoints)
+
+  def initial_state(self) -> Tuple[TrainState, Optional[Dict[str, Any]]]:
+    """Restores the latest checkpoint of the workdir if there is one, else initialises from the seed."""
+    step = self.checkpointer.latest_step()
+    if step is None:
+      return self._init(self.rng), None
+    logging.info("resuming from step %d (%s)", step, self.checkpointer.directory)
+    if jax.process_index() == 0:
+      print(f"resuming from step {step}", flush=True)
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          self.abstract_state, self.state_sharding)
+    state, data_state = self.checkpointer.restore(step, target)
+    if data_state is None and self.train_pipeline is not None:
+      logging.warning("checkpoint %d has no input position for %d processes; the data order restarts",
+                      step, jax.process_count())
+    return state, data_state
+
+  def evaluate(self, state: TrainState) -> Tuple[Dict[str, float], Dict]:
+    """One pass over the eval split; every real example counted once across processes."""
+    evaluator = self.task.evaluator()
+    num_batches = -(-self.eval_pipeline.num_examples // self.config.batch_size)
+    if self.config.eval_steps > 0:
+      num_batches = min(num_batches, self.config.eval_steps)
+    iterator = iter(self.eval_pipeline.iterator())
+    last = None
+    for _ in range(num_batches):
+      # Processes whose shard ran out feed fully masked batches so that every process runs the same
+      # number of collective steps.
+      local = next(iterator, None)
+      if local is None:
+        local = jax.tree.map(np.zeros_like, last)
+      last = local
+      outputs = self.eval_step(state, sharding_lib.global_batch(self.mesh, local))
+      evaluator.update(jax.device_get(outputs) if jax.process_count() == 1
+                       else multihost_utils.process_allgather(outputs, tiled=True))
+    return evaluator.result()
+
+  def check_finite(self, state: TrainState) -> None:
+    bad = int(jax.device_get(state.nonfinite_step))
+    if bad >= 0:
+      raise NonFiniteLossError(
+          f"the loss or gradient became NaN/Inf at step {bad} (that update was skipped); stopping. The last "
+          f"good checkpoint is step {self.checkpointer.latest_step()} in {self.checkpointer.directory}.")
+
+
+def _mean(metrics: Dict[str, Tuple[Any, Any]]) -> Dict[str, float]:
+  return {k: float(s) / max(float(c), 1e-12) for k, (s, c) in jax.device_get(metrics).items()}
+
+
+def _write_eval(exp: Experiment, logger: MetricsLogger, step: int, scalars: Dict, details: Dict) -> None:
+  logger.write(step, {f"eval/{k}": v for k, v in scalars.items()})
+  if jax.process_index() == 0:
+    os.makedirs(os.path.join(exp.workdir, "eval"), exist_ok=True)
+    with open(os.path.join(exp.workdir, "eval", f"step_{step}.json"), "w") as f:
+      json.dump({"step": step, **scalars, **details}, f, indent=1)
+  logging.info("eval at step %d: %s", step, scalars)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
+  """Trains ``config.total_steps`` steps with periodic eval and checkpoints; returns the summary."""
+  exp = Experiment(config, workdir, train=True)
+  state, data_state = exp.initial_state()
+  step = int(jax.device_get(state.step))
+  train_iter = exp.train_pipeline.iterator(state=data_state)
+  logger = MetricsLogger(workdir, config.total_steps, step, config.progress_bar)
+  start_time, log_time, log_step = time.time(), time.time(), step
+  summary: Dict[str, Any] = {"start_step": step}
+  accumulated = None
+  try:
+    while step < config.total_steps:
+      batch = sharding_lib.global_batch(exp.mesh, next(train_iter))
+      state, metrics = exp.train_step(state, batch)
+      step += 1
+      accumulated = metrics if accumulated is None else jax.tree.map(jnp.add, accumulated, metrics)
+      is_last = step == config.total_steps
+      if step % config.log_every == 0 or is_last:
+        exp.check_finite(state)
+        now = time.time()
+        means = _mean(accumulated)
+        means["learning_rate"] = float(exp.schedule(step - 1))
+        record = {f"train/{k}": v for k, v in means.items()}
+        record["train/steps_per_sec"] = (step - log_step) / max(now - log_time, 1e-9)
+        logger.write(step, record)
+        logger.progress(step, {"loss": means["loss"], "steps/s": record["train/steps_per_sec"]})
+        summary.update(record)
+        accumulated, log_time, log_step = None, now, step
+      if step % config.checkpoint_every == 0 or is_last:
+        exp.check_finite(state)  # never save a state that follows a non-finite step
+        exp.checkpointer.save(step, state, train_iter.get_state())
+      if (config.eval_every and step % config.eval_every == 0) or is_last:
+        scalars, details = exp.evaluate(state)
+        _write_eval(exp, logger, step, scalars, details)
+        summary.update({f"eval/{k}": v for k, v in scalars.items()})
+  finally:
+    # An exception (NaN, Ctrl-C, a bad batch) still lets an in-flight async save complete.
+    exp.checkpointer.wait()
+    exp.checkpointer.close()
+    logger.close()
+  summary.update(step=step, wall_time_s=time.time() - start_time, workdir=workdir)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "summary.json"), "w") as f:
+      json.dump(summary, f, indent=1)
+  return summary
+
+
+def evaluate_latest(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
+  """``--mode=eval``: evaluates the latest checkpoint of ``workdir``."""
+  exp = Experiment(config, workdir, train=False)
+  step = exp.checkpointer.latest_step()
+  if step is None:
+    raise FileNotFoundError(f"no checkpoint in {exp.checkpointer.directory}; train first with --mode=train "
+                            f"and the same --workdir")
+  state, _ = exp.initial_state()
+  scalars, details = exp.evaluate(state)
+  logger = MetricsLogger(workdir, 0, 0, progress_bar=False)
+  _write_eval(exp, logger, step, scalars, details)
+  logger.close()
+  exp.checkpointer.close()
+  return {"step": step, **{f"eval/{k}": v for k, v in scalars.items()}}
