@@ -62,7 +62,7 @@ class Checkpointer:
   """A keep-N, async orbax CheckpointManager over ``workdir/checkpoints``."""
 
   def __init__(self, workdir: str, keep: int, async_save: bool = True):
-    self.directory = epath.Path(workdir) / "checkpoints"
+    self.directory = epath.Path(os.path.abspath(workdir)) / "checkpoints"
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                            enable_async_checkpointing=async_save)
     self.manager = ocp.CheckpointManager(self.directory, options=options,

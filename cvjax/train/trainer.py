@@ -168,9 +168,12 @@ class Experiment:
   def check_finite(self, state: TrainState) -> None:
     bad = int(jax.device_get(state.nonfinite_step))
     if bad >= 0:
+      last = self.checkpointer.latest_step()
+      kept = (f"the last good checkpoint is step {last} in {self.checkpointer.directory}" if last is not None
+              else "no checkpoint had been written yet")
       raise NonFiniteLossError(
-          f"the loss or gradient became NaN/Inf at step {bad} (that update was skipped); stopping. The last "
-          f"good checkpoint is step {self.checkpointer.latest_step()} in {self.checkpointer.directory}.")
+          f"the loss or gradient became NaN/Inf at step {bad} (that update was skipped); stopping: {kept}. "
+          "Lower the learning rate or enable config.optimizer.grad_clip_norm.")
 
 
 def _mean(metrics: Dict[str, Tuple[Any, Any]]) -> Dict[str, float]:

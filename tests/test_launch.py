@@ -1,0 +1,82 @@
+"""The launcher's code path: every config's tiny preset, eval mode, and the errors a user meets first."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+import launch
+from cvjax.train import trainer
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = sorted(str(p.relative_to(REPO)) for p in (REPO / "configs").rglob("*.py")
+                 if not p.name.startswith("_"))
+
+
+def _jsonl(path):
+  with open(path) as f:
+    return [json.loads(line) for line in f]
+
+
+@pytest.mark.parametrize("config_path", CONFIGS)
+def test_tiny_preset_trains_two_steps_evaluates_and_checkpoints(config_path, load_config, data_dir, tmp_path):
+  config = load_config(config_path, "tiny", data_dir=data_dir)
+  workdir = str(tmp_path / "run")
+  summary = launch.run(config, workdir, "train")
+  assert summary["step"] == config.total_steps == 2
+  train_steps = [r["step"] for r in _jsonl(os.path.join(workdir, "metrics.jsonl")) if "train/loss" in r]
+  assert train_steps == [1, 2]
+  evals = [r for r in _jsonl(os.path.join(workdir, "metrics.jsonl")) if any(k.startswith("eval/") for k in r)]
+  assert [r["step"] for r in evals] == [2]
+  with open(os.path.join(workdir, "config.json")) as f:
+    assert json.load(f)["model"]["name"] == config.model.name
+  with open(os.path.join(workdir, "summary.json")) as f:
+    assert json.load(f)["step"] == 2
+  assert os.listdir(os.path.join(workdir, "tensorboard"))
+  assert os.path.isdir(os.path.join(workdir, "checkpoints", "2"))
+  # --mode=eval on the same workdir evaluates that checkpoint and reproduces the final eval.
+  result = launch.run(config, workdir, "eval")
+  assert result["step"] == 2
+  eval_keys = [k for k in evals[-1] if k.startswith("eval/")]
+  for k in eval_keys:
+    assert result[k] == pytest.approx(evals[-1][k], rel=1e-5, abs=1e-6), k
+
+
+def test_eval_without_checkpoint_says_train_first(load_config, data_dir, tmp_path):
+  config = load_config("configs/resnet.py", "tiny", data_dir=data_dir)
+  with pytest.raises(FileNotFoundError, match="no checkpoint .* train first"):
+    launch.run(config, str(tmp_path / "empty"), "eval")
+
+
+def test_unknown_config_key_is_an_error(launch_cli, tmp_path):
+  result = launch_cli(["--config=configs/resnet.py:tiny", "--config.optimizer.learnig_rate=0.1",
+                       f"--workdir={tmp_path}"], timeout=120)
+  assert result.returncode != 0
+  assert "learnig_rate" in result.stdout + result.stderr
+
+
+def test_unknown_preset_lists_the_valid_ones(load_config):
+  with pytest.raises(ValueError, match=r"unknown preset 'imagenet_r51'.*imagenet_r50"):
+    load_config("configs/resnet.py", "imagenet_r51")
+
+
+def test_unknown_model_name_lists_the_valid_ones(load_config, data_dir):
+  config = load_config("configs/resnet.py", "tiny", data_dir=data_dir, **{"model.name": "resnet17"})
+  with pytest.raises(KeyError, match=r"unknown model 'resnet17'.*resnet18"):
+    trainer.build_model(config, num_classes=6)
+
+
+def test_unknown_dataset_name_lists_the_valid_ones(load_config, data_dir):
+  from cvjax.data import create_pipeline
+  config = load_config("configs/resnet.py", "tiny", data_dir=data_dir, **{"dataset.name": "shapez"})
+  with pytest.raises(KeyError, match=r"unknown dataset 'shapez'.*shapes"):
+    create_pipeline(config, "train", train=True)
+
+
+def test_missing_real_dataset_says_how_to_prepare(load_config, tmp_path):
+  from cvjax.data import create_pipeline
+  config = load_config("configs/resnet.py", "imagenet_r50", data_dir=str(tmp_path))
+  with pytest.raises(Exception, match=r"imagenet2012.*(prepare|build)") as info:
+    create_pipeline(config, "validation", train=False)
+  assert str(tmp_path) in str(info.value)
