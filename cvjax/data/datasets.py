@@ -1,0 +1,175 @@
+"""The dataset registry: config name -> random-access source of records in one canonical form.
+
+Every entry is a factory `(dataset_config, data_dir, split) -> DatasetSource`. Sources read prepared TFDS
+`array_record` folders with `as_data_source` (no TensorFlow, never a download) and keep images encoded, so
+that `cvjax.data.preprocessing.decode_image` decodes them where errors can name the record. `parse` maps a
+TFDS record to the canonical form the pipeline consumes:
+  classification: {'image': bytes, 'label': int}
+  detection:      {'image': bytes, 'boxes': float32 [N, 4] normalised (ymin, xmin, ymax, xmax),
+                   'labels': int32 [N], 'image_id': int}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import os
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from cvjax.data import shapes
+from cvjax.registry import Registry
+
+DATASETS = Registry('dataset')
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetSource:
+  """One split of one dataset, plus the per-dataset preprocessing defaults.
+
+  Attributes:
+    name: how errors name the dataset, e.g. 'shapes/classification_32' or 'coco/2017'.
+    split: the TFDS split string read.
+    task: 'classification' or 'detection'.
+    records: random access (`len`, `[i]`) to raw TFDS records of the split.
+    parse: raw record -> canonical record (module docstring).
+    class_names: names of the label values, in order.
+    image_size: default model input side when the config gives none.
+    crop_scale: default random-resized-crop area range (classification).
+    flip: whether horizontal flips are a sensible default augmentation (not for digits).
+    eval_crop_fraction: default central crop fraction at evaluation.
+    max_boxes: default boxes per example (detection).
+  """
+
+  name: str
+  split: str
+  task: str
+  records: Sequence[Any]
+  parse: Callable[[dict], dict]
+  class_names: tuple[str, ...]
+  image_size: int
+  crop_scale: tuple[float, float] = (0.08, 1.0)
+  flip: bool = True
+  eval_crop_fraction: float = 1.0
+  max_boxes: int = 100
+
+
+def _option(dataset_config, key: str, default=None):
+  value = dataset_config.get(key, None)
+  return default if value is None else value
+
+
+def _classification_record(record: dict) -> dict:
+  return {'image': record['image'], 'label': int(record['label'])}
+
+
+def _detection_record(record: dict, image_id_key: str, crowd_key: str | None) -> dict:
+  """Canonical detection record; sequence features come back from TFDS as lists of arrays or scalars."""
+  objects = record['objects']
+  boxes = np.asarray(objects['bbox'], np.float32).reshape(-1, 4)
+  labels = np.asarray(objects['label'], np.int32).reshape(-1)
+  if crowd_key is not None:  # Crowd regions are not detection targets (DETR drops them too).
+    keep = ~np.asarray(objects[crowd_key], bool).reshape(-1)
+    boxes, labels = boxes[keep], labels[keep]
+  return {'image': record['image'], 'boxes': boxes, 'labels': labels, 'image_id': int(record[image_id_key])}
+
+
+def _check_task(name: str, task: str, supported: Sequence[str]) -> None:
+  if task not in supported:
+    raise ValueError(f'dataset {name!r} supports task {" or ".join(map(repr, supported))}, '
+                     f'but config.dataset.task is {task!r}')
+
+
+def _prepared_builder(data_dir: str, tfds_name: str) -> tfds.core.DatasetBuilder:
+  """Read-only builder of the newest prepared version of `tfds_name` ('name' or 'name/config') in data_dir.
+
+  Raises:
+    FileNotFoundError: the dataset is not prepared there (the message says how to prepare it).
+    ValueError: it is prepared, but not in the `array_record` format that random access needs.
+  """
+  root = os.path.join(os.path.expanduser(data_dir), *tfds_name.split('/'))
+  infos = glob.glob(os.path.join(root, '*', 'dataset_info.json'))
+  if not infos:
+    raise FileNotFoundError(
+        f'dataset {tfds_name!r} is not prepared in data_dir {data_dir!r} (no {root}/<version>/'
+        'dataset_info.json). cvjax never downloads data. Prepare it on a machine with network access and '
+        f'TensorFlow: `tfds build {tfds_name} --data_dir={data_dir} --file_format=array_record` (imagenet2012 '
+        'first needs its manually downloaded archives in <data_dir>/downloads/manual), or copy an already '
+        f'prepared {tfds_name!r} folder into {data_dir!r}.')
+  newest = max(infos, key=lambda path: tfds.core.Version(os.path.basename(os.path.dirname(path))))
+  builder = tfds.builder_from_directory(os.path.dirname(newest))
+  if builder.info.file_format != tfds.core.FileFormat.ARRAY_RECORD:
+    raise ValueError(
+        f'dataset {tfds_name!r} in {os.path.dirname(newest)} is stored as {builder.info.file_format.value}, '
+        'but reading it without TensorFlow needs array_record: convert it with `tfds convert_format '
+        f'--dataset_version_dir={os.path.dirname(newest)} --out_file_format=array_record` or rebuild it with '
+        '`--file_format=array_record`.')
+  return builder
+
+
+def _data_source(builder: tfds.core.DatasetBuilder, name: str, split: str):
+  available = sorted(builder.info.splits)
+  base_split = split.split('[')[0]
+  if base_split not in available:
+    raise ValueError(f'dataset {name!r} has no split {split!r}; available splits: {available}')
+  # Images stay encoded here: the pipeline decodes the ones it uses, where errors can name the record.
+  features = builder.info.features
+  skip = {key: tfds.decode.SkipDecoding() for key in features if isinstance(features[key], tfds.features.Image)}
+  return builder.as_data_source(split, decoders=skip)
+
+
+def _tfds_classification(tfds_name: str, *, image_size: int, crop_scale=(0.08, 1.0), flip: bool = True,
+                         eval_crop_fraction: float = 1.0):
+  """Registry factory for a prepared TFDS classification dataset with `image` and `label` features."""
+
+  def factory(dataset_config, data_dir: str, split: str) -> DatasetSource:
+    _check_task(tfds_name, _option(dataset_config, 'task', 'classification'), ('classification',))
+    builder = _prepared_builder(data_dir, tfds_name)
+    return DatasetSource(
+        name=tfds_name, split=split, task='classification', records=_data_source(builder, tfds_name, split),
+        parse=_classification_record, class_names=tuple(builder.info.features['label'].names),
+        image_size=image_size, crop_scale=crop_scale, flip=flip, eval_crop_fraction=eval_crop_fraction)
+
+  return factory
+
+
+DATASETS.register('mnist')(_tfds_classification('mnist', image_size=28, crop_scale=(0.5, 1.0), flip=False))
+DATASETS.register('cifar10')(_tfds_classification('cifar10', image_size=32, crop_scale=(0.35, 1.0)))
+DATASETS.register('imagenet2012')(
+    _tfds_classification('imagenet2012', image_size=224, eval_crop_fraction=0.875))
+
+
+@DATASETS.register('coco')
+def _coco(dataset_config, data_dir: str, split: str) -> DatasetSource:
+  """COCO detection from TFDS `coco/<config_name>` (default '2017'); 80 contiguous labels, crowds dropped."""
+  name = f'coco/{_option(dataset_config, "config_name", "2017")}'
+  _check_task(name, _option(dataset_config, 'task', 'detection'), ('detection',))
+  builder = _prepared_builder(data_dir, name)
+  return DatasetSource(
+      name=name, split=split, task='detection', records=_data_source(builder, name, split),
+      parse=lambda record: _detection_record(record, 'image/id', 'is_crowd'),
+      class_names=tuple(builder.info.features['objects']['label'].names), image_size=512)
+
+
+@DATASETS.register('shapes')
+def _shapes(dataset_config, data_dir: str, split: str) -> DatasetSource:
+  """The generated `shapes` dataset; prepared into data_dir on first use (see `cvjax.data.shapes`)."""
+  task = _option(dataset_config, 'task', 'classification')
+  default_config = {'classification': 'classification_32', 'detection': 'detection_64'}.get(task)
+  config = shapes.shapes_config(
+      _option(dataset_config, 'config_name', default_config),
+      num_examples=_option(dataset_config, 'num_examples', None),
+      seed=_option(dataset_config, 'generation_seed', 0))
+  name = f'shapes/{config.name}'
+  _check_task(name, task, (config.task,))
+  builder = shapes.prepare_shapes(data_dir, config)
+  if config.task == 'classification':
+    parse = _classification_record
+  else:
+    parse = lambda record: _detection_record(record, 'image_id', None)
+  return DatasetSource(
+      name=name, split=split, task=config.task, records=_data_source(builder, name, split), parse=parse,
+      class_names=shapes.CLASS_NAMES, image_size=config.image_size, crop_scale=(0.35, 1.0),
+      max_boxes=config.max_objects)
