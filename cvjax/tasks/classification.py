@@ -16,8 +16,9 @@ def smoothed_cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing
   """Per-example cross-entropy ``[B]`` of ``logits [B, K]`` against integer ``labels [B]`` whose one-hot
   targets are mixed with the uniform distribution: ``(1 - s) * onehot + s / K`` (PyTorch semantics)."""
   num_classes = logits.shape[-1]
-  targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), label_smoothing)
-  return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
+  logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))  # bf16 logits: loss in float32
+  targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes, dtype=logits.dtype), label_smoothing)
+  return optax.softmax_cross_entropy(logits, targets)
 
 
 @TASKS.register("classification")
@@ -35,7 +36,7 @@ class ClassificationTask(Task):
   def eval_outputs(self, logits, batch) -> Dict[str, jax.Array]:
     k = min(5, logits.shape[-1])
     return {
-        "top_k": jax.lax.top_k(logits.astype(jnp.float32), k)[1].astype(jnp.int32),
+        "top_k": jax.lax.top_k(logits, k)[1].astype(jnp.int32),
         "label": batch["label"].astype(jnp.int32),
         "loss": smoothed_cross_entropy(logits, batch["label"], 0.0),
         "mask": batch["mask"],
