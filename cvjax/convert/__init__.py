@@ -1,1 +1,9 @@
-"""cvjax.convert."""
+"""PyTorch checkpoints -> cvjax flax variables.
+
+``from_torch_state_dict('resnet50', torchvision_state_dict)`` for torchvision-layout ResNet / VGG / AlexNet
+checkpoints; ``from_transformers(hf_model)`` for HF ``transformers`` models (dispatch on the class name).
+Both return ``(module, variables)``.
+"""
+
+from cvjax.convert.huggingface import HF_CONVERTERS, from_transformers, register_hf_converter  # noqa: F401
+from cvjax.convert.torchvision import from_torch_state_dict  # noqa: F401

@@ -1,1 +1,5 @@
 """Imports every architecture module so that its ``@MODELS.register`` decorators run."""
+
+from cvjax.models import alexnet  # noqa: F401
+from cvjax.models import resnet  # noqa: F401
+from cvjax.models import vgg  # noqa: F401

@@ -1,0 +1,141 @@
+"""Times one ResNet train step on CPU: plain flax layers, cvjax's fast layers, and PyTorch, side by side.
+
+A step is forward + backward + SGD-momentum update on one batch (jitted for JAX, eager for PyTorch). After
+warm-up the implementations take turns, one step each, ``--steps`` rounds, so that they share whatever load
+the machine has; each one's median is printed. The PyTorch model is HF's ``ResNetForImageClassification``
+(torchvision's ResNet, random weights, built from a config); cvjax gets the same weights through
+``cvjax.convert.from_transformers``, so all three run the same network on the same batch.
+
+  python benchmarks/train_step.py --model=resnet18 --batch=32 --size=64
+
+The "plain flax" row is cvjax's ResNet with ``layer_impl='xla'``: every convolution and max-pool is the
+``lax.conv_general_dilated`` / ``reduce_window`` that ``nn.Conv`` / ``nn.max_pool`` call. The "cvjax" row is
+the default ``layer_impl='auto'`` (``cvjax.models.layers``: tiny-map and 1x1 convolutions as matmuls over
+patches, max-pool over window views).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from typing import Callable, Dict
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import torch
+from transformers import ResNetConfig, ResNetForImageClassification
+
+from cvjax.convert import from_transformers
+from cvjax.models import resnet
+
+LEARNING_RATE, MOMENTUM = 0.1, 0.9
+
+
+def hf_config(model: str, num_classes: int) -> ResNetConfig:
+  """The HF config of a registered cvjax ResNet (``resnet18`` ... ``resnet152``) at width 64."""
+  block_type, stage_sizes, _ = resnet._ARCHITECTURES[model]  # pylint: disable=protected-access
+  expansion = resnet.BLOCK_EXPANSION[block_type]
+  return ResNetConfig(embedding_size=64, hidden_sizes=[64 * 2**i * expansion for i in range(4)],
+                      depths=list(stage_sizes), layer_type=block_type, num_labels=num_classes)
+
+
+def cvjax_step(module, variables, images: np.ndarray, labels: np.ndarray):
+  """A closure running one jitted cvjax train step to completion."""
+  tx = optax.sgd(LEARNING_RATE, momentum=MOMENTUM)
+
+  @jax.jit
+  def train_step(params, batch_stats, opt_state, x, y):
+    def loss_fn(p):
+      logits, updates = module.apply({"params": p, "batch_stats": batch_stats}, x, train=True,
+                                     mutable=["batch_stats"])
+      return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), updates["batch_stats"]
+
+    (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), batch_stats, opt_state, loss
+
+  state = [variables["params"], variables["batch_stats"], tx.init(variables["params"])]
+  x, y = jnp.asarray(images.transpose(0, 2, 3, 1)), jnp.asarray(labels)
+
+  def step():
+    # Parameters are not carried over: every run does the same work on the same inputs.
+    jax.block_until_ready(train_step(*state, x, y))
+
+  return step
+
+
+def torch_step(model, images: np.ndarray, labels: np.ndarray):
+  """A closure running one eager PyTorch train step."""
+  model.train()
+  optimizer = torch.optim.SGD(model.parameters(), lr=LEARNING_RATE, momentum=MOMENTUM)
+  x, y = torch.from_numpy(images), torch.from_numpy(labels).long()
+
+  def step():
+    optimizer.zero_grad(set_to_none=True)
+    loss = torch.nn.functional.cross_entropy(model(x).logits, y)
+    loss.backward()
+    optimizer.step()
+
+  return step
+
+
+def median_seconds(steps: Dict[str, Callable[[], None]], repeats: int, warmup: int = 2) -> Dict[str, float]:
+  """Median wall time of each step function, measured round-robin so that all share the same CPU load."""
+  for step in steps.values():
+    for _ in range(warmup):
+      step()
+  times = {name: [] for name in steps}
+  for _ in range(repeats):
+    for name, step in steps.items():
+      start = time.perf_counter()
+      step()
+      times[name].append(time.perf_counter() - start)
+  return {name: statistics.median(t) for name, t in times.items()}
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--model", default="resnet18", choices=["resnet18", "resnet34", "resnet50", "resnet101",
+                                                              "resnet152"])
+  parser.add_argument("--batch", type=int, default=32)
+  parser.add_argument("--size", type=int, default=64, help="square input side in pixels")
+  parser.add_argument("--num_classes", type=int, default=10)
+  parser.add_argument("--steps", type=int, default=5, help="timed rounds (median per implementation)")
+  parser.add_argument("--threads", type=int, default=os.cpu_count(), help="PyTorch intra-op threads")
+  parser.add_argument("--skip_plain", action="store_true", help="skip the slow plain-convolution flax run")
+  args = parser.parse_args()
+
+  torch.set_num_threads(args.threads)
+  torch.manual_seed(0)
+  rng = np.random.default_rng(0)
+  images = rng.standard_normal((args.batch, 3, args.size, args.size), dtype=np.float32)
+  labels = rng.integers(0, args.num_classes, args.batch).astype(np.int64)
+  torch_model = ResNetForImageClassification(hf_config(args.model, args.num_classes))
+  module, variables = from_transformers(torch_model)
+
+  steps = {}
+  if not args.skip_plain:
+    steps["flax, plain layers"] = cvjax_step(module.clone(layer_impl="xla"), variables, images, labels)
+  steps["cvjax, fast layers"] = cvjax_step(module.clone(layer_impl="auto"), variables, images, labels)
+  steps["pytorch (eager)"] = torch_step(torch_model, images, labels)
+
+  print(f"{args.model}, batch {args.batch}, {args.size}x{args.size}, {jax.default_backend()} "
+        f"({os.cpu_count()} cores, torch threads {args.threads}); median of {args.steps} round-robin steps "
+        f"after warm-up; load average before: {os.getloadavg()[0]:.1f}")
+  times = median_seconds(steps, args.steps)
+  reference = times["pytorch (eager)"]
+  for name, seconds in times.items():
+    print(f"  {name:24s} {seconds * 1e3:9.1f} ms/step   {seconds / reference:6.2f}x pytorch")
+  if "flax, plain layers" in times:
+    print(f"  speed-up of the fast layers over plain ones: "
+          f"{times['flax, plain layers'] / times['cvjax, fast layers']:.1f}x")
+  print(f"  load average after: {os.getloadavg()[0]:.1f} (other processes on these cores slow PyTorch's "
+        f"OpenMP threads far more than XLA's: compare quiet runs)")
+
+
+if __name__ == "__main__":
+  main()

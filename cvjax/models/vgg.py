@@ -1,0 +1,112 @@
+"""VGG-11/13/16/19 with and without batch norm (Simonyan & Zisserman 2015; torchvision layout).
+
+Submodules are named after their index in torchvision's ``features`` / ``classifier`` ``nn.Sequential``
+(``features_0`` is the first conv, ``features_1`` its BN in the ``_bn`` variants, ``classifier_0`` the first
+Linear), so ``cvjax.convert`` maps torchvision checkpoints key for key.
+
+Small inputs: after five 2x2 max-pools a 32x32 image is a 1x1 map, which torchvision's 7x7 adaptive pool
+would replicate 49 times into a 25088-wide first Linear (100M parameters). For CIFAR-sized training pass
+``small_input=True``: a global-average-pool head (``pool_size=1``) whose hidden Linears are as wide as the last
+conv (512 at width 64) instead of 4096; ``pool_size`` / ``classifier_width`` set explicitly still win.
+``width`` scales every conv.
+
+Input: NHWC float32 images already normalised by the input pipeline.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Optional, Sequence, Union
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from cvjax.models import layers
+from cvjax.models.registry import MODELS
+
+# torchvision's VGG init: He-normal over fan_out for convolutions, zero biases.
+conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+# Conv output channels at width 64; "M" is a 2x2 / 2 max-pool. Configurations A, B, D and E of the paper.
+VGG_CHANNELS = {
+    "vgg11": (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"),
+    "vgg13": (64, 64, "M", 128, 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"),
+    "vgg16": (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"),
+    "vgg19": (64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M", 512, 512, 512, 512,
+              "M"),
+}
+
+
+class VGG(nn.Module):
+  """VGG classifier.
+
+  Attributes:
+    channels: conv output channels at ``width=64``, ``'M'`` for a max-pool (``VGG_CHANNELS``).
+    batch_norm: a BN after every conv (the ``vgg*_bn`` models).
+    num_classes: size of the last Linear.
+    width: channel scale; every conv has ``c * width // 64`` channels.
+    small_input: defaults for 32x32 inputs: ``pool_size`` 1 and ``classifier_width`` = last conv channels.
+    pool_size: output side of the adaptive average pool before the classifier (default 7 as in torchvision,
+      1 with ``small_input``).
+    classifier_width: width of the two hidden Linear layers (default 4096 as in torchvision, the last conv's
+      channels with ``small_input``).
+    dropout_rate: dropout of the classifier (rng ``dropout``).
+    dtype: compute dtype; parameters stay float32; logits are returned in float32.
+    layer_impl: how convolutions and max-pools run (``layers.conv2d`` / ``layers.max_pool``): ``'xla'`` as
+      ``nn.Conv`` / ``nn.max_pool`` do, ``'patches'`` over shifted window views, ``'auto'`` the faster on CPU.
+  """
+  channels: Sequence[Union[int, str]]
+  batch_norm: bool = False
+  num_classes: int = 1000
+  width: int = 64
+  small_input: bool = False
+  pool_size: Optional[int] = None
+  classifier_width: Optional[int] = None
+  dropout_rate: float = 0.5
+  dtype: Any = jnp.float32
+  layer_impl: str = "auto"
+
+  @property
+  def head_pool_size(self) -> int:
+    """The adaptive pool's output side that the classifier reads (``pool_size`` resolved)."""
+    if self.pool_size is not None:
+      return self.pool_size
+    return 1 if self.small_input else 7
+
+  @property
+  def head_width(self) -> int:
+    """Width of the hidden Linears (``classifier_width`` resolved)."""
+    if self.classifier_width is not None:
+      return self.classifier_width
+    return max(c for c in self.channels if c != "M") * self.width // 64 if self.small_input else 4096
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
+    """``[B, H, W, 3]`` (H, W >= 32) -> logits ``[B, num_classes]``."""
+    if x.ndim != 4 or min(x.shape[1:3]) < 32:
+      raise ValueError(f"VGG expects NHWC images [B, H, W, C] with H, W >= 32, got shape {x.shape}")
+    index = 0  # position in torchvision's `features` Sequential
+    for channels in self.channels:
+      if channels == "M":
+        x = layers.max_pool(x, 2, 2, impl=self.layer_impl)
+        index += 1
+        continue
+      x = layers.Conv(channels * self.width // 64, 3, padding=1, dtype=self.dtype, kernel_init=conv_kernel_init,
+                      impl=self.layer_impl, name=f"features_{index}")(x)
+      index += 1
+      if self.batch_norm:
+        x = layers.batch_norm(train=train, dtype=self.dtype, name=f"features_{index}")(x)
+        index += 1
+      x = nn.relu(x)
+      index += 1
+    x = layers.adaptive_avg_pool(x, self.head_pool_size)
+    x = x.reshape(x.shape[0], -1)
+    x = layers.torchvision_classifier(x, hidden=self.head_width, num_classes=self.num_classes,
+                                      dropout_rate=self.dropout_rate, train=train, dropout_first=False,
+                                      dtype=self.dtype)
+    return x.astype(jnp.float32)
+
+
+for _name, _channels in VGG_CHANNELS.items():
+  MODELS.register(_name)(functools.partial(VGG, channels=_channels))
+  MODELS.register(f"{_name}_bn")(functools.partial(VGG, channels=_channels, batch_norm=True))
