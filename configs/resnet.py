@@ -32,11 +32,11 @@ def _shapes(c, steps: int):
 
 
 def default(c):
-  _shapes(c, steps=1500)
+  _shapes(c, steps=1000)
 
 
 def plain(c):
-  _shapes(c, steps=1500)
+  _shapes(c, steps=1000)
   c.model.name = "plain18"
 
 

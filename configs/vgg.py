@@ -30,7 +30,7 @@ def _shapes(c, steps: int):
 
 
 def default(c):
-  _shapes(c, steps=1500)
+  _shapes(c, steps=1000)
 
 
 def tiny(c):
