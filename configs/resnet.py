@@ -9,13 +9,11 @@ Presets:
                 weight decay 1e-4, batch 256, 90 epochs, lr / 10 at epochs 30 and 60.
 """
 
-from cvjax.train.config import base_config, select_preset
+from cvjax.train.config import base_config, select_preset, shapes_classification, tiny_run
 
 
 def _shapes(c, steps: int):
-  c.dataset.name = "shapes"
-  c.dataset.config_name = "classification_32"
-  c.dataset.image_size = 32
+  shapes_classification(c, image_size=32)
   c.model.name = "resnet18"
   c.model.stem = "cifar"
   c.model.width = 16
@@ -42,14 +40,8 @@ def plain(c):
 
 def tiny(c):
   _shapes(c, steps=2)
+  tiny_run(c)
   c.model.width = 4
-  c.batch_size = 8
-  c.optimizer.warmup_steps = 0
-  c.log_every = 1
-  c.eval_every = 0
-  c.eval_steps = 1
-  c.checkpoint_every = 2
-  c.progress_bar = False
 
 
 def imagenet_r50(c):

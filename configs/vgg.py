@@ -8,13 +8,11 @@ Presets:
                  stopped improving (here: at epochs 30, 50 and 65 of 74, matching the paper's three decreases).
 """
 
-from cvjax.train.config import base_config, select_preset
+from cvjax.train.config import base_config, select_preset, shapes_classification, tiny_run
 
 
 def _shapes(c, steps: int):
-  c.dataset.name = "shapes"
-  c.dataset.config_name = "classification_32"
-  c.dataset.image_size = 32
+  shapes_classification(c, image_size=32)
   c.model.name = "vgg11_bn"
   c.model.width = 16
   c.model.small_input = True
@@ -35,14 +33,8 @@ def default(c):
 
 def tiny(c):
   _shapes(c, steps=2)
+  tiny_run(c)
   c.model.width = 4
-  c.batch_size = 8
-  c.optimizer.warmup_steps = 0
-  c.log_every = 1
-  c.eval_every = 0
-  c.eval_steps = 1
-  c.checkpoint_every = 2
-  c.progress_bar = False
 
 
 def imagenet_vgg16(c):

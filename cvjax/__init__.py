@@ -2,5 +2,6 @@
 
 from cvjax import ops  # noqa: F401
 from cvjax import models  # noqa: F401
+from cvjax import convert  # noqa: F401
 
 __version__ = "0.1.0"

@@ -66,6 +66,29 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+def shapes_classification(c: ml_collections.ConfigDict, image_size: int = 32) -> None:
+  """The generated single-object `shapes` classification set at ``image_size`` (CPU presets)."""
+  c.dataset.name = "shapes"
+  c.dataset.task = "classification"
+  c.dataset.config_name = f"classification_{image_size}"
+  c.dataset.image_size = image_size
+
+
+def tiny_run(c: ml_collections.ConfigDict) -> None:
+  """The run shape of every family's `tiny` preset: 2 steps, batch 8, a 1-batch eval, a checkpoint at the end.
+
+  Families shrink their model themselves; this only fixes the schedule so tests exercise the whole loop.
+  """
+  c.total_steps = 2
+  c.batch_size = 8
+  c.optimizer.warmup_steps = 0
+  c.log_every = 1
+  c.eval_every = 0
+  c.eval_steps = 1
+  c.checkpoint_every = 2
+  c.progress_bar = False
+
+
 def select_preset(presets: Dict[str, Callable[[ml_collections.ConfigDict], None]],
                   arg: Optional[str], config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Applies ``presets[arg or 'default']`` to ``config`` in place, names it and returns it locked."""
