@@ -6,8 +6,10 @@ Linear), so ``cvjax.convert`` maps torchvision checkpoints key for key.
 
 Small inputs: after five 2x2 max-pools a 32x32 image is a 1x1 map, which torchvision's 7x7 adaptive pool
 would replicate 49 times into a 25088-wide first Linear (100M parameters). For CIFAR-sized training pass
-``small_input=True``: a global-average-pool head (``pool_size=1``) whose hidden Linears are as wide as the last
-conv (512 at width 64) instead of 4096; ``pool_size`` / ``classifier_width`` set explicitly still win.
+``small_input=True``: the CIFAR-style head, global average pool -> dropout -> one Linear (``classifier``). A
+narrow three-Linear head (hidden width = last conv width, no normalisation) was tried and its ReLUs died within
+the first 100 steps on `shapes`, leaving the net at chance; the single Linear cannot die. ``pool_size`` /
+``classifier_width`` set explicitly give torchvision's three-Linear head at that size instead.
 ``width`` scales every conv.
 
 Input: NHWC float32 images already normalised by the input pipeline.
@@ -45,11 +47,10 @@ class VGG(nn.Module):
     batch_norm: a BN after every conv (the ``vgg*_bn`` models).
     num_classes: size of the last Linear.
     width: channel scale; every conv has ``c * width // 64`` channels.
-    small_input: defaults for 32x32 inputs: ``pool_size`` 1 and ``classifier_width`` = last conv channels.
-    pool_size: output side of the adaptive average pool before the classifier (default 7 as in torchvision,
-      1 with ``small_input``).
-    classifier_width: width of the two hidden Linear layers (default 4096 as in torchvision, the last conv's
-      channels with ``small_input``).
+    small_input: for 32x32 inputs: global average pool, dropout and one Linear ``classifier`` (unless
+      ``pool_size`` or ``classifier_width`` is given).
+    pool_size: output side of the adaptive average pool before the classifier (default 7 as in torchvision).
+    classifier_width: width of the two hidden Linear layers (default 4096 as in torchvision).
     dropout_rate: dropout of the classifier (rng ``dropout``).
     dtype: compute dtype; parameters stay float32; logits are returned in float32.
     layer_impl: how convolutions and max-pools run (``layers.conv2d`` / ``layers.max_pool``): ``'xla'`` as
@@ -71,14 +72,14 @@ class VGG(nn.Module):
     """The adaptive pool's output side that the classifier reads (``pool_size`` resolved)."""
     if self.pool_size is not None:
       return self.pool_size
-    return 1 if self.small_input else 7
+    return 7
 
   @property
   def head_width(self) -> int:
     """Width of the hidden Linears (``classifier_width`` resolved)."""
     if self.classifier_width is not None:
       return self.classifier_width
-    return max(c for c in self.channels if c != "M") * self.width // 64 if self.small_input else 4096
+    return 4096
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
@@ -99,6 +100,10 @@ class VGG(nn.Module):
         index += 1
       x = nn.relu(x)
       index += 1
+    if self.small_input and self.pool_size is None and self.classifier_width is None:
+      x = x.mean(axis=(1, 2))
+      x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+      return nn.Dense(self.num_classes, dtype=self.dtype, name="classifier")(x).astype(jnp.float32)
     x = layers.adaptive_avg_pool(x, self.head_pool_size)
     x = x.reshape(x.shape[0], -1)
     x = layers.torchvision_classifier(x, hidden=self.head_width, num_classes=self.num_classes,

@@ -72,6 +72,8 @@ def shapes_classification(c: ml_collections.ConfigDict, image_size: int = 32) ->
   c.dataset.task = "classification"
   c.dataset.config_name = f"classification_{image_size}"
   c.dataset.image_size = image_size
+  c.dataset.augment = True
+  c.dataset.crop_scale = (0.35, 1.0)   # random-resized-crop area range
 
 
 def tiny_run(c: ml_collections.ConfigDict) -> None:

@@ -16,8 +16,8 @@ def _variables_and_logits(model, images, **apply_kwargs):
 
 
 @pytest.mark.parametrize("name,side,kwargs,first_linear,first_linear_shape", [
-    # small_input: global pool, hidden width = last conv width (512 * 4 / 64 = 32).
-    ("vgg11_bn", 32, {"small_input": True}, "classifier_0", (32, 32)),
+    # small_input: global pool, dropout, one Linear from the last conv width (512 * 4 / 64 = 32).
+    ("vgg11_bn", 32, {"small_input": True}, "classifier", (32, 5)),
     ("vgg13", 32, {"pool_size": 2, "classifier_width": 16}, "classifier_0", (2 * 2 * 32, 16)),
     ("alexnet", 64, {"classifier_width": 16}, "classifier_1", (6 * 6 * 256 * 4 // 64, 16)),
 ])
