@@ -37,11 +37,17 @@ def test_one_and_eight_devices_give_the_same_losses(launch_cli, data_dir, tmp_pa
   assert len(runs[1]) == 5
   np.testing.assert_allclose(runs[8], runs[1], rtol=0, atol=1e-5)
 
-  # The 8-device checkpoint restores on 1 device (and evaluates): --mode=eval in a 1-device process.
-  result = launch_cli(_args(str(tmp_path / "d8"), data_dir, *extra, "--mode=eval"), devices=1,
-                      env={"JAX_ENABLE_X64": "1"})
-  assert result.returncode == 0, result.stdout + result.stderr
-  assert '"step": 5' in result.stdout
+  # Each checkpoint restores on the other device count and evaluates the same: --mode=eval 8 -> 1 and 1 -> 8.
+  evals = {}
+  for written, restored in ((8, 1), (1, 8)):
+    result = launch_cli(_args(str(tmp_path / f"d{written}"), data_dir, *extra, "--mode=eval"), devices=restored,
+                        env={"JAX_ENABLE_X64": "1"})
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "resuming from step 5" in result.stdout
+    with open(tmp_path / f"d{written}" / "eval" / "step_5.json") as f:
+      evals[written] = json.load(f)
+  assert evals[8]["num_examples"] == evals[1]["num_examples"] > 0
+  np.testing.assert_allclose(evals[8]["loss"], evals[1]["loss"], rtol=1e-5)
 
 
 def test_two_processes_train_and_one_process_restores(launch_cli, data_dir, tmp_path):
