@@ -43,7 +43,8 @@ def torch_to_flax_layout(value: np.ndarray) -> np.ndarray:
 
 
 def load_state_dict(module: Any, state_dict: Mapping[str, Any], *, input_shape: Sequence[int],
-                    torch_module_name: Callable[[Tuple[str, ...]], str],
+                    torch_module_name: Optional[Callable[[Tuple[str, ...]], str]] = None,
+                    torch_key: Optional[Callable[[LeafPath], str]] = None,
                     leaf_transform: Optional[Callable[[LeafPath, np.ndarray, Tuple[int, ...]], np.ndarray]] = None,
                     source: str = "state_dict") -> Dict[str, Any]:
   """Builds ``module``'s variables from a PyTorch ``state_dict``.
@@ -54,6 +55,8 @@ def load_state_dict(module: Any, state_dict: Mapping[str, Any], *, input_shape: 
     input_shape: an NHWC input shape the module accepts; only its abstract init is traced.
     torch_module_name: flax module path (``('layer1_0', 'conv1')``) -> PyTorch module name
       (``'layer1.0.conv1'``); the leaf name is appended through ``TORCH_LEAF_NAMES``.
+    torch_key: instead of ``torch_module_name``, the whole PyTorch key of a flax leaf path (without the
+      collection), for models with bare ``nn.Parameter`` tensors (ViT's ``cls_token``).
     leaf_transform: optional ``(path, value, target_shape) -> value`` applied after the generic layout change
       (e.g. to permute a Linear that follows an NCHW flatten).
     source: what ``state_dict`` is, for error messages.
@@ -68,8 +71,11 @@ def load_state_dict(module: Any, state_dict: Mapping[str, Any], *, input_shape: 
       lambda: module.init(jax.random.PRNGKey(0), jnp.zeros(input_shape, jnp.float32), train=False))
   flat_abstract = flax.traverse_util.flatten_dict(abstract)
   keys = {}
+  if (torch_module_name is None) == (torch_key is None):
+    raise TypeError("load_state_dict takes exactly one of torch_module_name and torch_key")
   for path in flat_abstract:
-    key = f"{torch_module_name(path[1:-1])}.{TORCH_LEAF_NAMES[path[-1]]}"
+    key = (torch_key(path[1:]) if torch_key is not None
+           else f"{torch_module_name(path[1:-1])}.{TORCH_LEAF_NAMES[path[-1]]}")
     if key in keys.values():
       raise AssertionError(f"two flax leaves map to the PyTorch key {key!r}: a bug in the converter")
     keys[path] = key

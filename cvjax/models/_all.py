@@ -3,3 +3,4 @@
 from cvjax.models import alexnet  # noqa: F401
 from cvjax.models import resnet  # noqa: F401
 from cvjax.models import vgg  # noqa: F401
+from cvjax.models import vit  # noqa: F401
