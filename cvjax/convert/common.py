@@ -16,7 +16,7 @@ import numpy as np
 
 # Flax leaf name -> PyTorch parameter / buffer name (Conv, Dense, BatchNorm, FrozenBatchNorm).
 TORCH_LEAF_NAMES = {"kernel": "weight", "scale": "weight", "bias": "bias", "mean": "running_mean",
-                    "var": "running_var"}
+                    "var": "running_var", "embedding": "weight"}
 # Buffers PyTorch saves that have no flax counterpart.
 IGNORED_SUFFIXES = ("num_batches_tracked",)
 
@@ -93,7 +93,8 @@ def load_state_dict(module: Any, state_dict: Mapping[str, Any], *, input_shape: 
       continue
     target = flat_abstract[path]
     torch_value = to_numpy(state_dict[key])
-    value = torch_to_flax_layout(torch_value)
+    # nn.Embedding's [num, dim] table is already nn.Embed's layout; every other leaf is a Conv/Linear/norm.
+    value = torch_value if path[-1] == "embedding" else torch_to_flax_layout(torch_value)
     if leaf_transform is not None:
       value = leaf_transform(path, value, tuple(target.shape))
     if value.shape != tuple(target.shape):

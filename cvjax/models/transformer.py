@@ -1,0 +1,191 @@
+"""Post-norm transformer encoder / decoder with positional embeddings added to queries and keys (DETR).
+
+As in DETR (Carion et al. 2020) and HF's ``DetrEncoderLayer`` / ``DetrDecoderLayer``: position embeddings
+are added to the queries and keys of every attention, never to the values; each sub-layer is
+``LayerNorm(x + Dropout(sublayer(x)))``; the decoder returns every layer's output after one shared final
+LayerNorm (auxiliary decoding losses). Submodule names follow HF's attribute names (``layers_0/self_attn/
+q_proj``, ``mlp/fc1``, ``final_layer_norm``) so that ``cvjax.convert`` maps one HF key to one leaf.
+
+Sequences are ``[B, N, d_model]``; key padding masks are ``[B, N]`` bool, ``True`` on real tokens. Dropout
+draws from the ``dropout`` rng when ``train=True``.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+# PyTorch's LayerNorm epsilon (flax defaults to 1e-6).
+LAYER_NORM_EPSILON = 1e-5
+
+_layer_norm = functools.partial(nn.LayerNorm, epsilon=LAYER_NORM_EPSILON)
+
+
+def _with_position(x: jnp.ndarray, position: Optional[jnp.ndarray]) -> jnp.ndarray:
+  return x if position is None else x + position
+
+
+class MultiHeadAttention(nn.Module):
+  """Scaled dot-product attention over ``num_heads`` heads with separate q/k/v/out projections.
+
+  Attributes:
+    num_heads: heads; ``d_model`` (the query's last dim) must be divisible by it.
+    dropout_rate: dropout on the attention weights in training.
+  """
+  num_heads: int
+  dropout_rate: float = 0.0
+
+  @nn.compact
+  def __call__(self, query: jnp.ndarray, key: jnp.ndarray, value: jnp.ndarray, *,
+               key_padding_mask: Optional[jnp.ndarray] = None, train: bool) -> jnp.ndarray:
+    """Attends ``query [B, Q, d]`` to ``key [B, K, d]`` / ``value [B, K, d]``.
+
+    ``key_padding_mask [B, K]`` (``True`` = attend) removes padded keys from the softmax. Returns
+    ``[B, Q, d]``.
+    """
+    d_model = query.shape[-1]
+    if d_model % self.num_heads:
+      raise ValueError(f"d_model {d_model} is not divisible by num_heads {self.num_heads}")
+    head_dim = d_model // self.num_heads
+
+    def project(x, name):
+      return nn.Dense(d_model, name=name)(x).reshape(*x.shape[:-1], self.num_heads, head_dim)
+
+    q = project(query, "q_proj") * head_dim**-0.5
+    k = project(key, "k_proj")
+    v = project(value, "v_proj")
+    logits = jnp.einsum("bqhc,bkhc->bhqk", q, k)
+    if key_padding_mask is not None:
+      if key_padding_mask.shape != key.shape[:2]:
+        raise ValueError(f"key_padding_mask must be [B, K] = {key.shape[:2]}, got {key_padding_mask.shape}")
+      # A large finite negative (not -inf) keeps a fully padded row finite, as HF does.
+      logits = jnp.where(key_padding_mask[:, None, None, :], logits, jnp.finfo(logits.dtype).min)
+    weights = nn.softmax(logits, axis=-1)
+    weights = nn.Dropout(self.dropout_rate, deterministic=not train)(weights)
+    out = jnp.einsum("bhqk,bkhc->bqhc", weights, v).reshape(*query.shape[:-1], d_model)
+    return nn.Dense(d_model, name="o_proj")(out)
+
+
+class FeedForward(nn.Module):
+  """``fc2(Dropout(relu(fc1(x))))``: ``[..., d]`` -> ``[..., d]`` through ``hidden_dim`` channels."""
+  hidden_dim: int
+  activation_dropout_rate: float = 0.0
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
+    y = nn.relu(nn.Dense(self.hidden_dim, name="fc1")(x))
+    y = nn.Dropout(self.activation_dropout_rate, deterministic=not train)(y)
+    return nn.Dense(x.shape[-1], name="fc2")(y)
+
+
+class _LayerSettings(nn.Module):
+  """Hyperparameters shared by the encoder and decoder layers and stacks.
+
+  Attributes:
+    num_heads: attention heads.
+    ffn_dim: hidden width of the feed-forward block.
+    dropout_rate: dropout on each sub-layer's output before the residual add.
+    attention_dropout_rate: dropout on attention weights.
+    activation_dropout_rate: dropout after the feed-forward block's relu.
+  """
+  num_heads: int = 8
+  ffn_dim: int = 2048
+  dropout_rate: float = 0.1
+  attention_dropout_rate: float = 0.1
+  activation_dropout_rate: float = 0.1
+
+  def _residual_norm(self, x, update, name, train):
+    update = nn.Dropout(self.dropout_rate, deterministic=not train)(update)
+    return _layer_norm(name=name)(x + update)
+
+  def _attention(self, name):
+    return MultiHeadAttention(self.num_heads, self.attention_dropout_rate, name=name)
+
+  def _feed_forward(self, x, train):
+    y = FeedForward(self.ffn_dim, self.activation_dropout_rate, name="mlp")(x, train=train)
+    return self._residual_norm(x, y, "final_layer_norm", train)
+
+  def _layer_kwargs(self):
+    return dict(num_heads=self.num_heads, ffn_dim=self.ffn_dim, dropout_rate=self.dropout_rate,
+                attention_dropout_rate=self.attention_dropout_rate,
+                activation_dropout_rate=self.activation_dropout_rate)
+
+
+class EncoderLayer(_LayerSettings):
+  """Self-attention (position added to queries and keys) then feed-forward, both post-norm."""
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray, *, position: Optional[jnp.ndarray] = None,
+               padding_mask: Optional[jnp.ndarray] = None, train: bool) -> jnp.ndarray:
+    """``x [B, N, d]``, ``position [B, N, d]``, ``padding_mask [B, N]`` -> ``[B, N, d]``."""
+    qk = _with_position(x, position)
+    y = self._attention("self_attn")(qk, qk, x, key_padding_mask=padding_mask, train=train)
+    x = self._residual_norm(x, y, "self_attn_layer_norm", train)
+    return self._feed_forward(x, train)
+
+
+class DecoderLayer(_LayerSettings):
+  """Query self-attention, cross-attention to the memory, feed-forward; all post-norm.
+
+  The query position embedding is added to the queries and keys of the self-attention and to the queries
+  of the cross-attention; the memory's position embedding to the cross-attention keys.
+  """
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray, memory: jnp.ndarray, *, query_position: Optional[jnp.ndarray] = None,
+               memory_position: Optional[jnp.ndarray] = None, memory_padding_mask: Optional[jnp.ndarray] = None,
+               train: bool) -> jnp.ndarray:
+    """``x [B, Q, d]``, ``memory [B, N, d]``, positions of the same shapes, ``memory_padding_mask [B, N]``
+    -> ``[B, Q, d]``."""
+    qk = _with_position(x, query_position)
+    y = self._attention("self_attn")(qk, qk, x, train=train)
+    x = self._residual_norm(x, y, "self_attn_layer_norm", train)
+    y = self._attention("encoder_attn")(_with_position(x, query_position), _with_position(memory, memory_position),
+                                        memory, key_padding_mask=memory_padding_mask, train=train)
+    x = self._residual_norm(x, y, "encoder_attn_layer_norm", train)
+    return self._feed_forward(x, train)
+
+
+class Encoder(_LayerSettings):
+  """``num_layers`` ``EncoderLayer``s (named ``layers_<i>``), no final norm (post-norm layers end normed)."""
+  num_layers: int = 6
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray, *, position: Optional[jnp.ndarray] = None,
+               padding_mask: Optional[jnp.ndarray] = None, train: bool) -> jnp.ndarray:
+    """``x [B, N, d]``, ``position [B, N, d]``, ``padding_mask [B, N]`` -> ``[B, N, d]``."""
+    for i in range(self.num_layers):
+      x = EncoderLayer(**self._layer_kwargs(), name=f"layers_{i}")(
+          x, position=position, padding_mask=padding_mask, train=train)
+    return x
+
+
+class Decoder(_LayerSettings):
+  """``num_layers`` ``DecoderLayer``s (``layers_<i>``) and one shared output LayerNorm (``layernorm``).
+
+  The LayerNorm is applied to a copy of each layer's output for the result; the next layer receives the
+  un-normalised output (DETR's ``return_intermediate``; HF ``auxiliary_loss=False`` for the last layer).
+  """
+  num_layers: int = 6
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray, memory: jnp.ndarray, *, query_position: Optional[jnp.ndarray] = None,
+               memory_position: Optional[jnp.ndarray] = None, memory_padding_mask: Optional[jnp.ndarray] = None,
+               train: bool) -> jnp.ndarray:
+    """Decodes queries ``x [B, Q, d]`` against ``memory [B, N, d]``.
+
+    Returns:
+      ``[num_layers, B, Q, d]``: every layer's output after the shared LayerNorm (the last entry is the
+      final output).
+    """
+    norm = _layer_norm(name="layernorm")
+    outputs = []
+    for i in range(self.num_layers):
+      x = DecoderLayer(**self._layer_kwargs(), name=f"layers_{i}")(
+          x, memory, query_position=query_position, memory_position=memory_position,
+          memory_padding_mask=memory_padding_mask, train=train)
+      outputs.append(norm(x))
+    return jnp.stack(outputs)
