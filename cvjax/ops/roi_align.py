@@ -38,6 +38,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cvjax.ops._args import positive_int_pair
+
 Array = jax.Array
 OutputSize = Union[int, Tuple[int, int]]
 
@@ -55,12 +57,7 @@ _GATHER_COST_FACTOR = 20.0
 
 def parse_output_size(output_size: OutputSize) -> Tuple[int, int]:
   """Returns ``(PH, PW)`` from an int or a pair of positive ints; raises ValueError otherwise."""
-  if isinstance(output_size, (int, np.integer)):
-    output_size = (int(output_size), int(output_size))
-  if (not isinstance(output_size, (tuple, list)) or len(output_size) != 2
-      or not all(isinstance(s, (int, np.integer)) and s > 0 for s in output_size)):
-    raise ValueError(f"output_size must be a positive int or a pair of positive ints (PH, PW), got {output_size!r}")
-  return int(output_size[0]), int(output_size[1])
+  return positive_int_pair(output_size, "output_size (PH, PW)")
 
 
 def ieee_divide(numerator, denominator):

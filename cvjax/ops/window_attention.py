@@ -25,21 +25,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cvjax.ops._args import positive_int_pair
+
 Array = jax.Array
 WindowSize = Union[int, Tuple[int, int]]
 
 # Swin's additive mask value between tokens of different regions: exp(-100) is not exactly 0, and -100 (rather
 # than -inf) is what the reference adds, so outputs match it bit for bit.
 MASK_VALUE = -100.0
-
-
-def _pair(window_size: WindowSize) -> Tuple[int, int]:
-  if isinstance(window_size, (int, np.integer)):
-    window_size = (int(window_size), int(window_size))
-  if (not isinstance(window_size, (tuple, list)) or len(window_size) != 2
-      or not all(isinstance(s, (int, np.integer)) and s > 0 for s in window_size)):
-    raise ValueError(f"window_size must be a positive int or a pair of positive ints, got {window_size!r}")
-  return int(window_size[0]), int(window_size[1])
 
 
 def _check_divisible(height: int, width: int, window_size: int) -> None:
@@ -76,7 +69,7 @@ def relative_position_index(window_size: WindowSize) -> Array:
   For query token ``i`` and key token ``j`` (row-major in the window), ``(dh, dw) = coord_i - coord_j`` and
   ``index = (dh + Wh - 1) * (2 Ww - 1) + (dw + Ww - 1)``.
   """
-  wh, ww = _pair(window_size)
+  wh, ww = positive_int_pair(window_size, "window_size")
   coords = np.stack(np.meshgrid(np.arange(wh), np.arange(ww), indexing="ij")).reshape(2, -1)  # [2, N]
   rel = coords[:, :, None] - coords[:, None, :]  # [2, N, N], query minus key
   return jnp.asarray((rel[0] + wh - 1) * (2 * ww - 1) + (rel[1] + ww - 1), jnp.int32)

@@ -183,3 +183,9 @@ def test_matches_hf_swin_buffers_and_attention():
   out = window_attention(heads("q_proj"), heads("k_proj"), heads("v_proj"), bias, jnp.asarray(hf_mask))
   out = np.asarray(out).transpose(0, 2, 1, 3).reshape(12, 16, 8) @ params["o_proj.weight"].T + params["o_proj.bias"]
   np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("bad", [0, (7,), (7, -1), 2.5])
+def test_bad_window_size_is_a_clear_error(bad):
+  with pytest.raises(ValueError, match=r"window_size must be a positive int or a pair"):
+    relative_position_index(bad)
