@@ -19,7 +19,8 @@ class ClassificationEvaluator:
     self.count = 0
     self.k = None
 
-  def update(self, outputs: Dict[str, np.ndarray]) -> None:
+  def update(self, outputs: Dict[str, np.ndarray], inputs=None) -> None:
+    del inputs  # the host batch; classification metrics need only the outputs
     mask = np.asarray(outputs["mask"], bool)
     labels = np.asarray(outputs["label"])[mask]
     top_k = np.asarray(outputs["top_k"])[mask]

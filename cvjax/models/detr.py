@@ -60,6 +60,12 @@ class DETR(nn.Module):
     backbone_stride_in_1x1, backbone_downsample_in_first_stage: the ``ResNet`` backbone (see ``ResNet``).
     dilation: DC5, the last stage's stride replaced by dilation (C5 at stride 16).
     backbone_layer_impl: ``ResNet.layer_impl``.
+    backbone_stem: ``ResNet.stem``; ``'cifar'`` (a stride-1 3x3 stem, C5 at stride 8) gives small CPU-scale
+      images (64x64) a usable 8x8 encoder grid.
+    backbone_frozen_bn: frozen batch norm as in DETR (whose backbone starts from ImageNet weights); False
+      trains the batch norm (``batch_stats``), for backbones trained from scratch.
+    dtype: compute dtype of the backbone and input projection (e.g. bfloat16); the transformer and heads
+      compute in float32.
   """
   num_classes: int = 91
   num_queries: int = 100
@@ -81,6 +87,9 @@ class DETR(nn.Module):
   backbone_downsample_in_first_stage: bool = False
   dilation: bool = False
   backbone_layer_impl: str = "auto"
+  backbone_stem: str = "imagenet"
+  backbone_frozen_bn: bool = True
+  dtype: Any = jnp.float32
 
   def _heads(self, hidden: jnp.ndarray) -> Dict[str, jnp.ndarray]:
     """Decoder states ``[..., Q, d]`` -> ``pred_logits [..., Q, num_classes + 1]``, ``pred_boxes [..., Q, 4]``."""
@@ -92,8 +101,10 @@ class DETR(nn.Module):
         width=self.backbone_width, stem_width=self.backbone_stem_width,
         stage_widths=self.backbone_stage_widths, stride_in_1x1=self.backbone_stride_in_1x1,
         downsample_in_first_stage=self.backbone_downsample_in_first_stage, dilate_last_stage=self.dilation,
-        frozen_bn=True, layer_impl=self.backbone_layer_impl)
-    self.input_projection = layers.Conv(self.d_model, 1, padding=0, impl=self.backbone_layer_impl)
+        frozen_bn=self.backbone_frozen_bn, stem=self.backbone_stem, dtype=self.dtype,
+        layer_impl=self.backbone_layer_impl)
+    self.input_projection = layers.Conv(self.d_model, 1, padding=0, dtype=self.dtype,
+                                        impl=self.backbone_layer_impl)
     self.query_position_embeddings = nn.Embed(self.num_queries, self.d_model)
     settings = dict(num_heads=self.num_heads, ffn_dim=self.ffn_dim, dropout_rate=self.dropout_rate,
                     attention_dropout_rate=self.attention_dropout_rate,
@@ -131,7 +142,7 @@ class DETR(nn.Module):
     c5 = self.backbone(images, train=train, return_features=True)["c5"]
     mask = position_encoding.resize_mask_nearest(pixel_mask, c5.shape[1:3])
     position = position_encoding.sine_position_encoding(mask, self.d_model // 2)
-    features = self.input_projection(c5)
+    features = self.input_projection(c5).astype(jnp.float32)
     features, position = (x.reshape(batch, -1, x.shape[-1]) for x in (features, position))  # [B, h*w, C]
     flat_mask = mask.reshape(batch, -1)
     memory = self.encoder(features, position=position, padding_mask=flat_mask, train=train)

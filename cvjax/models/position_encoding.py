@@ -9,6 +9,7 @@ import math
 from typing import Tuple
 
 import jax.numpy as jnp
+import numpy as np
 
 
 def resize_mask_nearest(mask: jnp.ndarray, size: Tuple[int, int]) -> jnp.ndarray:
@@ -28,9 +29,10 @@ def resize_mask_nearest(mask: jnp.ndarray, size: Tuple[int, int]) -> jnp.ndarray
     raise ValueError(f"mask must be [B, H, W], got shape {mask.shape}")
   in_h, in_w = mask.shape[1:]
   out_h, out_w = size
-  rows = (jnp.arange(out_h) * in_h) // out_h
-  cols = (jnp.arange(out_w) * in_w) // out_w
-  return mask[:, rows][:, :, cols].astype(bool)
+  # Static NumPy indices: the gather is fixed at trace time (and a NumPy mask is not indexed by tracers).
+  rows = (np.arange(out_h) * in_h) // out_h
+  cols = (np.arange(out_w) * in_w) // out_w
+  return jnp.asarray(mask)[:, rows][:, :, cols].astype(bool)
 
 
 def sine_position_encoding(mask: jnp.ndarray, num_pos_feats: int, *, temperature: float = 10000.0,

@@ -39,10 +39,12 @@ class Task:
     raise NotImplementedError
 
   def evaluator(self):
-    """A fresh host-side accumulator with ``update(np_outputs)`` and ``result() -> (scalars, details)``."""
+    """A fresh host-side accumulator with ``update(np_outputs, inputs=host_batch)`` and
+    ``result() -> (scalars, details)``; optionally ``write_files(directory, step) -> paths`` for artefacts
+    (predictions, drawings) that process 0 writes to ``workdir/eval``."""
     raise NotImplementedError
 
 
 def create_task(config: ml_collections.ConfigDict, num_classes: int, class_names: Sequence[str]) -> Task:
-  from cvjax.tasks import classification  # noqa: F401  (registers)
+  from cvjax.tasks import classification, detection  # noqa: F401  (registers)
   return TASKS.get(config.task.name)(config, num_classes, class_names)

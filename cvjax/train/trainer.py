@@ -162,8 +162,12 @@ class Experiment:
       last = local
       outputs = self.eval_step(state, sharding_lib.global_batch(self.mesh, local))
       evaluator.update(jax.device_get(outputs) if jax.process_count() == 1
-                       else multihost_utils.process_allgather(outputs, tiled=True))
-    return evaluator.result()
+                       else multihost_utils.process_allgather(outputs, tiled=True), inputs=local)
+    scalars, details = evaluator.result()
+    if jax.process_index() == 0 and hasattr(evaluator, "write_files"):
+      step = int(jax.device_get(state.step))
+      details["files"] = evaluator.write_files(os.path.join(self.workdir, "eval"), step)
+    return scalars, details
 
   def check_finite(self, state: TrainState) -> None:
     bad = int(jax.device_get(state.nonfinite_step))
