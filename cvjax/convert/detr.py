@@ -1,4 +1,9 @@
-"""HF ``DetrForObjectDetection`` with the HF ResNet backbone -> ``cvjax.models.detr.DETR``.
+"""PyTorch DETR checkpoints -> ``cvjax.models.detr.DETR``, from two layouts.
+
+* HF ``DetrForObjectDetection`` with the HF ResNet backbone: ``from_transformers(hf_model)``.
+* The official facebookresearch/detr layout (``torch.hub.load('facebookresearch/detr', 'detr_resnet50')``,
+  ``detr-r50-e632da11.pth``): ``from_torch_state_dict('detr_resnet50', state_dict)``, which lands in
+  ``from_official_state_dict`` here.
 
 Nothing is downloaded and torch is not imported here.
 """
@@ -6,12 +11,14 @@ Nothing is downloaded and torch is not imported here.
 from __future__ import annotations
 
 import re
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Mapping, Tuple
 
-import jax
+import numpy as np
 
 from cvjax.convert import common
 from cvjax.convert.huggingface import _hf_resnet_module_name, register_hf_converter
+from cvjax.convert.torchvision import torchvision_module_name
+from cvjax.models import MODELS, create_model
 from cvjax.models.detr import DETR
 
 # Top-level DETR submodules that live under HF's ``model.`` (the heads sit at the root).
@@ -81,4 +88,161 @@ def detr_from_transformers(hf_model: Any) -> Tuple[DETR, Dict]:
       backbone_downsample_in_first_stage=backbone.downsample_in_first_stage)
   variables = common.load_state_dict(module, hf_model.state_dict(), input_shape=(1, 64, 64, backbone.num_channels),
                                      torch_key=hf_detr_key, source="HF DetrForObjectDetection state_dict")
+  return module, variables
+
+
+# ---- The official facebookresearch/detr layout ----------------------------------------------------------
+
+_OFFICIAL_BACKBONE = "backbone.0.body."  # Joiner[0] = Backbone, whose .body is torchvision's ResNet
+# cvjax sub-layer names -> the official TransformerEncoderLayer / TransformerDecoderLayer attributes.
+_OFFICIAL_SUBLAYERS = {
+    "encoder": {"self_attn": "self_attn", "self_attn_layer_norm": "norm1", "final_layer_norm": "norm2"},
+    "decoder": {"self_attn": "self_attn", "encoder_attn": "multihead_attn", "self_attn_layer_norm": "norm1",
+                "encoder_attn_layer_norm": "norm2", "final_layer_norm": "norm3"},
+}
+_OFFICIAL_FEED_FORWARD = {"fc1": "linear1", "fc2": "linear2"}
+_OFFICIAL_HEADS = {"input_projection": "input_proj", "query_position_embeddings": "query_embed",
+                   "class_labels_classifier": "class_embed", "bbox_predictor": "bbox_embed"}
+# nn.MultiheadAttention stacks the q, k and v projections row-wise in one in_proj_weight / in_proj_bias.
+_FUSED_PARTS = ("q", "k", "v")
+_FUSED_SUFFIXES = (".in_proj_weight", ".in_proj_bias")
+_DC5_SUFFIX = "_dc5"
+
+
+def official_detr_key(path: Tuple[str, ...]) -> str:
+  """cvjax DETR variable path (without collection) -> official DETR state_dict key.
+
+  ``('backbone', 'layer1_0', 'downsample_0', 'kernel')`` -> ``'backbone.0.body.layer1.0.downsample.0.weight'``;
+  ``('decoder', 'layers_2', 'encoder_attn', 'o_proj', 'bias')`` -> ``'transformer.decoder.layers.2.
+  multihead_attn.out_proj.bias'``. A q/k/v projection maps to its row block of the fused tensor, written
+  ``'<...>.self_attn.in_proj_weight[q]'`` (see ``split_fused_attention``).
+  """
+  head, *modules, leaf = path
+  torch_leaf = common.TORCH_LEAF_NAMES[leaf]
+  if head == "backbone":
+    return f"{_OFFICIAL_BACKBONE}{torchvision_module_name(tuple(modules))}.{torch_leaf}"
+  if head in _OFFICIAL_HEADS:  # bbox_predictor/layers_2 -> bbox_embed.layers.2
+    return f"{torchvision_module_name((_OFFICIAL_HEADS[head], *modules))}.{torch_leaf}"
+  if modules == ["layernorm"]:  # the decoder's final norm, shared by every decoder output
+    return f"transformer.decoder.norm.{torch_leaf}"
+  layer, sublayer, *projection = modules
+  prefix = f"transformer.{head}.layers.{layer.removeprefix('layers_')}."
+  if sublayer == "mlp":
+    return f"{prefix}{_OFFICIAL_FEED_FORWARD[projection[0]]}.{torch_leaf}"
+  name = prefix + _OFFICIAL_SUBLAYERS[head][sublayer]
+  if not projection:
+    return f"{name}.{torch_leaf}"
+  if projection == ["o_proj"]:
+    return f"{name}.out_proj.{torch_leaf}"
+  return f"{name}.in_proj_{torch_leaf}[{projection[0][0]}]"
+
+
+def split_fused_attention(state_dict: Mapping[str, Any]) -> Dict[str, Any]:
+  """Replaces each fused ``<attn>.in_proj_weight [3d, d]`` / ``in_proj_bias [3d]`` by its three row blocks.
+
+  The blocks are keyed ``'<attn>.in_proj_weight[q]'``, ``[k]``, ``[v]`` (PyTorch's order), so that an
+  error about one of them still names the checkpoint's key. Every other entry is passed through.
+  """
+  split = {}
+  for key, value in state_dict.items():
+    if not key.endswith(_FUSED_SUFFIXES):
+      split[key] = value
+      continue
+    value = common.to_numpy(value)
+    if value.shape[0] % len(_FUSED_PARTS):
+      raise ValueError(f"{key}: shape {value.shape}, but a fused q/k/v projection has 3 * d_model rows")
+    for part, block in zip(_FUSED_PARTS, np.split(value, len(_FUSED_PARTS))):
+      split[f"{key}[{part}]"] = block
+  return split
+
+
+def read_official_architecture(state_dict: Mapping[str, Any]) -> Dict[str, Any]:
+  """The ``DETR`` keyword arguments that an official-layout state_dict determines.
+
+  ``num_classes`` = class_embed rows - 1 (the last row is "no object"), ``num_queries`` / ``d_model`` from
+  query_embed, layer counts from the highest ``layers.<i>`` index (a gap is then reported as missing keys),
+  ``ffn_dim`` from the first encoder ``linear1``, and the backbone's block type (``conv3`` present =
+  bottleneck), blocks per stage and widths. What a state_dict cannot tell: the number of attention heads
+  (not saved by ``nn.MultiheadAttention``), DC5 dilation and dropout rates.
+
+  Raises:
+    ValueError: naming the keys needed here that the state_dict lacks.
+  """
+  def last_index(pattern: str) -> int:
+    indices = [int(match.group(1)) for key in state_dict if (match := re.match(pattern, key))]
+    return max(indices, default=-1)
+
+  block_type = "bottleneck" if f"{_OFFICIAL_BACKBONE}layer1.0.conv3.weight" in state_dict else "basic"
+  last_conv = "conv3" if block_type == "bottleneck" else "conv2"
+  stage_sizes = tuple(last_index(rf"{re.escape(_OFFICIAL_BACKBONE)}layer{stage}\.(\d+)\.") + 1
+                      for stage in range(1, 5))
+  shape_keys = {"classes": "class_embed.weight", "queries": "query_embed.weight",
+                "ffn": "transformer.encoder.layers.0.linear1.weight", "stem": f"{_OFFICIAL_BACKBONE}conv1.weight"}
+  shape_keys.update({f"stage{stage}": f"{_OFFICIAL_BACKBONE}layer{stage}.0.{last_conv}.weight"
+                     for stage in range(1, 5)})
+  missing = [key for key in shape_keys.values() if key not in state_dict]
+  if missing:
+    raise ValueError(f"official DETR state_dict lacks keys that give the architecture: {missing}")
+  rows = {name: np.shape(state_dict[key])[0] for name, key in shape_keys.items()}  # no copy of the tensors
+  num_queries, d_model = np.shape(state_dict["query_embed.weight"])
+  return dict(
+      num_classes=rows["classes"] - 1, num_queries=num_queries, d_model=d_model,
+      num_encoder_layers=last_index(r"transformer\.encoder\.layers\.(\d+)\.") + 1,
+      num_decoder_layers=last_index(r"transformer\.decoder\.layers\.(\d+)\.") + 1, ffn_dim=rows["ffn"],
+      backbone_block_type=block_type, backbone_stage_sizes=stage_sizes, backbone_stem_width=rows["stem"],
+      backbone_stage_widths=tuple(rows[f"stage{stage}"] for stage in range(1, 5)))
+
+
+def from_official_state_dict(model_name: str, state_dict: Mapping[str, Any], **model_kwargs) -> Tuple[DETR, Dict]:
+  """An official facebookresearch/detr checkpoint -> (``DETR`` module, ``{'params', 'batch_stats'}``).
+
+  Args:
+    model_name: a registered ``detr_resnet*`` name whose backbone (block type and blocks per stage) is the
+      checkpoint's: ``detr_resnet50``, ``detr_resnet101``; a ``_dc5`` suffix (``detr_resnet50_dc5``, torch.hub's
+      DC5 models) sets ``dilation=True``, which the weights cannot show.
+    state_dict: the official keys (``backbone.0.body.layer1.0.conv1.weight``, ``input_proj.weight``,
+      ``query_embed.weight``, ``transformer.encoder.layers.0.self_attn.in_proj_weight``, ...,
+      ``transformer.decoder.norm.weight``, ``class_embed.weight``, ``bbox_embed.layers.2.bias``), as
+      ``model.state_dict()`` of the hub model or the released ``.pth`` file, whose ``{'model': state_dict}``
+      wrapper is also accepted.
+    **model_kwargs: ``DETR`` options the weights do not determine. ``num_heads`` (default 8, as in every
+      released DETR) must be the checkpoint's: ``nn.MultiheadAttention`` does not save it and a wrong count
+      gives wrong outputs without an error. Others: dropout rates, ``aux_outputs``, ``dtype``,
+      ``backbone_layer_impl``.
+
+  Returns:
+    ``(module, variables)``; the architecture (classes, queries, widths, layer counts, FFN width, backbone
+    widths) is read from the state_dict (``read_official_architecture``). ``module.apply(variables,
+    images_nhwc, pixel_mask=mask, train=False)`` reproduces the official ``pred_logits`` / ``pred_boxes`` on
+    the same ImageNet-normalised images; note that the official ``NestedTensor.mask`` is ``True`` on padding,
+    cvjax's ``pixel_mask`` on real pixels.
+
+  Raises:
+    ValueError: for a name whose backbone differs from the checkpoint's, for keyword arguments that
+      contradict the checkpoint, and for keys the model does not expect, keys it needs that are missing, or
+      shapes that differ (all listed).
+  """
+  if isinstance(state_dict.get("model"), Mapping):
+    state_dict = state_dict["model"]
+  base_name = model_name
+  if model_name not in MODELS and model_name.endswith(_DC5_SUFFIX):
+    # torch.hub's DC5 models: the same weights, the last stage dilated instead of strided.
+    base_name = model_name.removesuffix(_DC5_SUFFIX)
+    model_kwargs = {"dilation": True, **model_kwargs}
+  architecture = read_official_architecture(state_dict)
+  # The name fixes the backbone's depth; the checkpoint must agree (layer3: 6 blocks in R50, 23 in R101).
+  backbone = {"backbone_block_type": architecture.pop("backbone_block_type"),
+              "backbone_stage_sizes": architecture.pop("backbone_stage_sizes")}
+  registered = create_model(base_name)
+  if backbone != {key: getattr(registered, key) for key in backbone}:
+    raise ValueError(f"the state_dict's backbone has {backbone['backbone_block_type']} blocks per stage "
+                     f"{backbone['backbone_stage_sizes']}, but {model_name!r} has {registered.backbone_block_type} "
+                     f"blocks {tuple(registered.backbone_stage_sizes)}")
+  conflicts = {key: (value, architecture[key]) for key, value in model_kwargs.items()
+               if key in architecture and value != architecture[key]}
+  if conflicts:
+    raise ValueError(f"keyword arguments contradict the state_dict, as {{name: (given, checkpoint)}}: {conflicts}")
+  module = create_model(base_name, **{**architecture, **model_kwargs})
+  variables = common.load_state_dict(module, split_fused_attention(state_dict), input_shape=(1, 64, 64, 3),
+                                     torch_key=official_detr_key, source=f"official DETR {model_name} state_dict")
   return module, variables

@@ -43,6 +43,10 @@ def nchw_flatten_to_nhwc(kernel: np.ndarray, pool_size: int) -> np.ndarray:
 def from_torch_state_dict(model_name: str, state_dict: Mapping[str, Any], **model_kwargs) -> Tuple[Any, Dict]:
   """Builds ``create_model(model_name, **model_kwargs)`` and its variables from a torchvision checkpoint.
 
+  ``detr_*`` names (``detr_resnet50``, ``detr_resnet101``, ``detr_resnet50_dc5``) take the official
+  facebookresearch/detr checkpoint layout instead, whose backbone is a torchvision ResNet; see
+  ``cvjax.convert.detr.from_official_state_dict``.
+
   Args:
     model_name: a registered ResNet (``resnet*``, ``plain*``), VGG (``vgg*``) or ``alexnet`` name.
     state_dict: torchvision names -> tensors (``conv1.weight``, ``layer1.0.downsample.0.weight``,
@@ -54,6 +58,10 @@ def from_torch_state_dict(model_name: str, state_dict: Mapping[str, Any], **mode
     ``(module, variables)`` with ``module.apply(variables, images_nhwc, train=False)`` equal to the
     PyTorch model on ``images_nchw``.
   """
+  if model_name.startswith("detr_"):
+    # Imported here: cvjax.convert.detr builds on this module's torchvision naming.
+    from cvjax.convert import detr  # pylint: disable=import-outside-toplevel
+    return detr.from_official_state_dict(model_name, state_dict, **model_kwargs)
   module = create_model(model_name, **model_kwargs)
   if not isinstance(module, _SUPPORTED):
     raise ValueError(f"no torchvision converter for {model_name!r} ({type(module).__name__}); supported "
