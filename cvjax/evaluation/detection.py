@@ -69,7 +69,7 @@ class DetectionEvaluator:
       self._keep_images(outputs, inputs)
 
   def _keep_images(self, outputs, inputs) -> None:
-    from cvjax.viz.detection import unnormalize_image  # deferred: matplotlib is only needed for drawing
+    from cvjax.viz.image import unnormalize_image  # deferred: matplotlib is only needed for drawing
 
     for b in np.flatnonzero(np.asarray(inputs["mask"])):
       if len(self._drawable) >= self.num_visualizations:

@@ -27,6 +27,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from cvjax.models import create_model
 from cvjax.tasks import Task, create_task
+from cvjax.train import initialization
 from cvjax.train import sharding as sharding_lib
 from cvjax.train.checkpoint import Checkpointer
 from cvjax.train.logger import MetricsLogger
@@ -133,17 +134,29 @@ class Experiment:
     """Restores the latest checkpoint of the workdir if there is one, else initialises from the seed."""
     step = self.checkpointer.latest_step()
     if step is None:
-      return self._init(self.rng), None
+      state = self._init(self.rng)
+      if self.config.init.pretrain_config or self.config.init.checkpoint_dir:
+        pretrained, source = initialization.pretrained_variables(self.config, self.workdir)
+        variables = initialization.graft({"params": state.params, "batch_stats": state.batch_stats},
+                                         pretrained, self.config.init.mapping)
+        state = state.replace(params=variables["params"], batch_stats=variables["batch_stats"])
+        if jax.process_index() == 0:
+          print(f"initialised {dict(self.config.init.mapping)} from {source}", flush=True)
+      return state, None
     logging.info("resuming from step %d (%s)", step, self.checkpointer.directory)
     if jax.process_index() == 0:
       print(f"resuming from step {step}", flush=True)
-    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          self.abstract_state, self.state_sharding)
-    state, data_state = self.checkpointer.restore(step, target)
+    state, data_state = self.restore(step)
     if data_state is None and self.train_pipeline is not None:
       logging.warning("checkpoint %d has no input position for %d processes; the data order restarts",
                       step, jax.process_count())
     return state, data_state
+
+  def restore(self, step: int) -> Tuple[TrainState, Optional[Dict[str, Any]]]:
+    """Checkpoint ``step`` of the workdir on this experiment's shardings: (state, data-iterator state)."""
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          self.abstract_state, self.state_sharding)
+    return self.checkpointer.restore(step, target)
 
   def evaluate(self, state: TrainState) -> Tuple[Dict[str, float], Dict]:
     """One pass over the eval split; every real example counted once across processes."""

@@ -1,0 +1,119 @@
+"""Initialising a run from another run's weights (a pretrained backbone, as DETR starts from ImageNet).
+
+Config keys (``config.init``, see ``cvjax.train.config.base_config``):
+  pretrain_config: ``'configs/resnet.py:detr_backbone'`` -- a config (file[:preset]) that is trained first, in
+    ``<workdir>/pretrain`` (resumable like any run; skipped once finished), whose final weights initialise
+    this run. Its ``data_dir`` is this run's.
+  checkpoint_dir: or an existing workdir whose latest checkpoint initialises this run.
+  mapping: ``((destination, source), ...)`` '/'-joined variable-path prefixes: each source subtree of the
+    pretrained ``params`` and ``batch_stats`` replaces the destination subtree of this run's, e.g.
+    ``(('backbone', ''),)`` puts a whole classifier's weights (its head dropped) into DETR's ``backbone``.
+    Every destination leaf must exist in the source with the same shape; source leaves without a destination
+    (a classifier's head) are ignored.
+
+Only a fresh run is initialised this way: resuming from the run's own checkpoint never re-grafts.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from typing import Any, Dict, Tuple
+
+import jax
+import ml_collections
+from absl import logging
+from flax import traverse_util
+
+
+def load_config_file(spec: str) -> ml_collections.ConfigDict:
+  """``'configs/resnet.py:preset'`` -> that file's ``get_config(preset)`` (path relative to the working
+  directory, else to the repository root)."""
+  path, _, preset = spec.partition(":")
+  candidates = [path, os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(__file__))), path)]
+  found = next((p for p in candidates if os.path.isfile(p)), None)
+  if found is None:
+    raise FileNotFoundError(f"config file {path!r} (from {spec!r}) not found; looked in {candidates}")
+  module_spec = importlib.util.spec_from_file_location(f"_cvjax_config_{abs(hash(found))}", found)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(preset or None)
+
+
+def _pretrain(config: ml_collections.ConfigDict, workdir: str) -> Tuple[str, ml_collections.ConfigDict]:
+  """Trains ``config.init.pretrain_config`` in ``workdir/pretrain`` unless it has finished there; returns that
+  workdir and its config."""
+  from cvjax.train import trainer  # deferred: trainer imports this module
+  from cvjax.train.checkpoint import Checkpointer
+
+  pre_config = load_config_file(config.init.pretrain_config)
+  with pre_config.unlocked():
+    pre_config.data_dir = config.data_dir
+    pre_config.progress_bar = config.progress_bar
+  pre_workdir = os.path.join(workdir, "pretrain")
+  checkpointer = Checkpointer(pre_workdir, keep=1)
+  done = checkpointer.latest_step()
+  checkpointer.close()
+  if done is None or done < pre_config.total_steps:
+    if jax.process_index() == 0:
+      print(f"pretraining {config.init.pretrain_config} in {pre_workdir} "
+            f"({pre_config.total_steps} steps) to initialise {config.name}", flush=True)
+    trainer.train_and_evaluate(pre_config, pre_workdir)
+  return pre_workdir, pre_config
+
+
+def pretrained_variables(config: ml_collections.ConfigDict, workdir: str) -> Tuple[Dict[str, Any], str]:
+  """The ``{'params', 'batch_stats'}`` that initialise this run, and where they came from."""
+  from cvjax.train import trainer
+
+  if config.init.pretrain_config:
+    source_dir, source_config = _pretrain(config, workdir)
+  else:
+    source_dir = config.init.checkpoint_dir
+    config_path = os.path.join(source_dir, "config.json")
+    if not os.path.isfile(config_path):
+      raise FileNotFoundError(f"config.init.checkpoint_dir={source_dir!r} has no config.json: it must be the "
+                              "workdir of a cvjax run")
+    with open(config_path) as f:
+      source_config = ml_collections.ConfigDict(json.load(f))
+    with source_config.unlocked():
+      source_config.data_dir = config.data_dir
+  experiment = trainer.Experiment(source_config, source_dir, train=False)
+  step = experiment.checkpointer.latest_step()
+  if step is None:
+    raise FileNotFoundError(f"no checkpoint in {source_dir} to initialise {config.name} from")
+  state, _ = experiment.restore(step)
+  experiment.checkpointer.close()
+  return {"params": state.params, "batch_stats": state.batch_stats}, source_dir
+
+
+def graft(variables: Dict[str, Any], pretrained: Dict[str, Any], mapping) -> Dict[str, Any]:
+  """Replaces subtrees of ``variables`` ({'params', 'batch_stats'}) by ``pretrained``'s per ``mapping``.
+
+  Returns the new variables (same structure, shapes and shardings as ``variables``); raises ``ValueError``
+  naming the first destination leaf that has no source or a different shape.
+  """
+  if not mapping:
+    raise ValueError("config.init.mapping is empty: say which pretrained subtree goes where, e.g. "
+                     "(('backbone', ''),)")
+  result = {}
+  for collection, tree in variables.items():
+    flat = traverse_util.flatten_dict(tree, sep="/")
+    source = traverse_util.flatten_dict(pretrained.get(collection, {}), sep="/")
+    for destination, origin in mapping:
+      dst = destination.strip("/")
+      src = origin.strip("/")
+      for path in [p for p in flat if p == dst or p.startswith(dst + "/") or not dst]:
+        rest = path[len(dst):].lstrip("/")
+        key = "/".join(part for part in (src, rest) if part)
+        if key not in source:
+          raise ValueError(f"config.init.mapping {(destination, origin)}: pretrained {collection} has no "
+                           f"{key!r} for {path!r}")
+        if source[key].shape != flat[path].shape:
+          raise ValueError(f"config.init.mapping {(destination, origin)}: pretrained {collection} {key!r} has "
+                           f"shape {source[key].shape}, {path!r} needs {flat[path].shape}")
+        flat[path] = jax.device_put(source[key].astype(flat[path].dtype), flat[path].sharding)
+    result[collection] = traverse_util.unflatten_dict(flat, sep="/")
+  logging.info("initialised %s from pretrained weights", [m[0] for m in mapping])
+  return result
