@@ -27,6 +27,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.keep_checkpoints = 3
   c.data_dir = os.environ.get("TFDS_DATA_DIR", os.path.expanduser("~/tensorflow_datasets"))
   c.progress_bar = True
+  # Ablation variants ((name, {'dotted.key': value, ...}), ...): when non-empty, launch.py trains every variant
+  # in workdir/<name>/ and writes a comparison table and plot (cvjax/train/ablation.py).
+  c.ablation = ()
 
   c.dataset = ml_collections.ConfigDict()
   c.dataset.name = "shapes"
@@ -59,6 +62,19 @@ def base_config() -> ml_collections.ConfigDict:
   # '/'-joined parameter path (first match wins), e.g. (('backbone/.*', 0.1),).
   c.optimizer.lr_multipliers = ()
   c.optimizer.freeze = ()                # regexes of parameter paths that are not updated at all
+
+  # --mode=explain (models that can return attention weights, e.g. ViT): attention maps of validation images.
+  c.explain = ml_collections.ConfigDict()
+  c.explain.num_images = 4               # the first N images of dataset.eval_split
+  c.explain.head_fusion = "mean"         # attention rollout: heads fused per layer by mean | max | min
+  c.explain.discard_ratio = 0.0          # attention rollout: fraction of each layer's weakest weights zeroed
+
+  # Start a fresh run from another run's weights (see cvjax/train/initialization.py): a config trained first
+  # in <workdir>/pretrain, or an existing workdir; `mapping` = ((destination, source) path prefixes, ...).
+  c.init = ml_collections.ConfigDict()
+  c.init.pretrain_config = ""
+  c.init.checkpoint_dir = ""
+  c.init.mapping = ()
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1                       # -1: all devices not used by the other axes
