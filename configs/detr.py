@@ -33,8 +33,8 @@ def _shapes(c, steps: int):
   c.model.backbone_stem = "cifar"
   c.model.backbone_frozen_bn = False      # its batch norm keeps training, as the backbone is small
   # As DETR starts from an ImageNet-trained ResNet, this preset starts from a ResNet-18 trained first on
-  # shapes classification (configs/resnet.py:detr_backbone, in <workdir>/pretrain); its lr is 0.1x as in DETR.
-  c.init.pretrain_config = "configs/resnet.py:detr_backbone"
+  # shapes classification (configs/resnet.py's default run, in <workdir>/pretrain); its lr is 0.1x as in DETR.
+  c.init.pretrain_config = "configs/resnet.py"
   c.init.mapping = (("backbone", ""),)
   c.optimizer.lr_multipliers = (("backbone/.*", 0.1),)
   c.model.d_model = 128

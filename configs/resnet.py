@@ -5,8 +5,6 @@ Presets:
                 a 2-core CPU reaches >= 90% validation top-1 in a few minutes.
   plain         the same network without shortcuts (the degradation experiment, paper Fig. 4).
   tiny          a few steps of a very small net, for tests.
-  detr_backbone the `default` network trained for fewer steps: the pretrained backbone of configs/detr.py's
-                CPU preset (as DETR starts from an ImageNet-trained ResNet).
   imagenet_r50  ResNet-50 on ImageNet with the paper's recipe (Sec. 3.4): SGD momentum 0.9, lr 0.1 x batch/256,
                 weight decay 1e-4, batch 256, 90 epochs, lr / 10 at epochs 30 and 60.
 """
@@ -40,13 +38,6 @@ def plain(c):
   c.model.name = "plain18"
 
 
-def detr_backbone(c):
-  _shapes(c, steps=600)
-  c.eval_every = 600
-  c.checkpoint_every = 600
-  c.keep_checkpoints = 1
-
-
 def tiny(c):
   _shapes(c, steps=2)
   tiny_run(c)
@@ -72,7 +63,7 @@ def imagenet_r50(c):
   c.checkpoint_every = steps_per_epoch
 
 
-PRESETS = dict(default=default, plain=plain, tiny=tiny, imagenet_r50=imagenet_r50, detr_backbone=detr_backbone)
+PRESETS = dict(default=default, plain=plain, tiny=tiny, imagenet_r50=imagenet_r50)
 
 
 def get_config(arg=None):

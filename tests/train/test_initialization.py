@@ -45,7 +45,8 @@ def test_graft_errors_name_the_leaf():
 
 
 def test_load_config_file_with_preset():
-  config = load_config_file("configs/resnet.py:detr_backbone")
-  assert config.preset == "detr_backbone" and config.model.name == "resnet18"
+  config = load_config_file("configs/resnet.py:plain")
+  assert config.preset == "plain" and config.model.name == "plain18"
+  assert load_config_file("configs/resnet.py").preset == "default"
   with pytest.raises(FileNotFoundError, match="nope.py"):
     load_config_file("configs/nope.py")
