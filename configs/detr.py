@@ -6,7 +6,8 @@ Presets:
                 reaches AP50 >= 0.5 on shapes validation within 20 minutes on a 2-core CPU.
   coco_r50      the paper's COCO recipe (Sec. 4 / Table 1, "DETR" R50): AdamW lr 1e-4, backbone lr 1e-5, weight
                 decay 1e-4, batch 64, grad-norm clip 0.1, 300 epochs with lr x0.1 at epoch 200, dropout 0.1,
-                multi-scale training (shorter side 480..800, max 1333) with random crops, 100 queries.
+                multi-scale training (shorter side 480..800, max 1333) with random crops (DETR's 0.5 branch:
+                resize to 400/500/600, crop 384..600), 100 queries, inputs padded to a few bucketed shapes.
   coco_r50_dc5  the same with the DC5 backbone (last stage dilated, C5 at stride 16).
   coco_r101     the same with ResNet-101.
   tiny          a few steps of a very small DETR, for tests.
@@ -83,10 +84,14 @@ def _coco(c, model: str, dilation: bool = False):
   steps_per_epoch = COCO_TRAIN_IMAGES // 64
   c.dataset.name = "coco"
   c.dataset.task = "detection"
-  c.dataset.image_size = 800
   c.dataset.max_boxes = 100
+  c.dataset.scales = tuple(range(480, 801, 32))
+  c.dataset.max_size = 1333
+  c.dataset.eval_scale = 800
   c.model.name = model
-  c.model.num_classes = 91              # COCO's id space, as in the paper (the last logit is "no object")
+  # 80 contiguous classes (+ "no object"); the paper's head spans COCO's 91 ids, 11 of them never used.
+  # Results JSON maps labels back to COCO's category ids.
+  c.model.num_classes = 0
   c.model.dilation = dilation
   c.model.num_queries = 100
   c.batch_size = 64
@@ -130,8 +135,20 @@ def get_config(arg=None):
   c.task.matcher_backend = "auto"       # scipy on CPU, the exact JAX solver on GPU/TPU
   c.task.num_visualizations = 4
   c.dataset.config_name = ""
-  c.dataset.image_size = 64
+  c.dataset.image_size = 64             # letterbox side when `scales` is unset (the CPU shapes presets)
   c.dataset.max_boxes = 100
+  # DETR multi-scale training (cvjax/data/detection_transforms.py); None = the pipeline's default.
+  c.dataset.scales = None               # shorter-side choices; set => multi-scale resize instead of letterbox
+  c.dataset.max_size = None             # longer-side cap (1333)
+  c.dataset.eval_scale = None           # shorter side at evaluation (max(scales))
+  c.dataset.crop_prob = None            # probability of DETR's resize-crop branch (0.5)
+  c.dataset.crop_resize_scales = None   # its resize choices (400, 500, 600)
+  c.dataset.crop_size = None            # its crop side range (384, 600)
+  c.dataset.buckets = None              # padded (H, W) shapes; default: 3 sizes per side, multiples of 32
+  # COCO-format folder (dataset.name='coco_folder'): <path>/annotations/instances_<split>.json + <path>/<split>/,
+  # or folders={split: (images_dir, annotation_file)}.
+  c.dataset.path = None
+  c.dataset.folders = None
   c.model.num_classes = 0               # 0: taken from the dataset
   c.model.num_queries = 100
   c.model.d_model = 256

@@ -1,12 +1,14 @@
 """The dataset registry: config name -> random-access source of records in one canonical form.
 
 Every entry is a factory `(dataset_config, data_dir, split) -> DatasetSource`. Sources read prepared TFDS
-`array_record` folders with `as_data_source` (no TensorFlow, never a download) and keep images encoded, so
-that `cvjax.data.preprocessing.decode_image` decodes them where errors can name the record. `parse` maps a
-TFDS record to the canonical form the pipeline consumes:
+`array_record` folders with `as_data_source` (no TensorFlow, never a download), or COCO-format folders
+(`coco_folder`, see `cvjax.data.coco_folder`), and keep images encoded, so that
+`cvjax.data.preprocessing.decode_image` decodes them where errors can name the record. `parse` maps a raw
+record to the canonical form the pipeline consumes:
   classification: {'image': bytes, 'label': int}
   detection:      {'image': bytes, 'boxes': float32 [N, 4] normalised (ymin, xmin, ymax, xmax),
-                   'labels': int32 [N], 'image_id': int}
+                   'labels': int32 [N] contiguous 0..K-1, 'image_id': int, optionally 'area': float32 [N]
+                   (annotation areas in original pixels) and 'file_name' (str, named in messages)}
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import tensorflow_datasets as tfds
 
-from cvjax.data import shapes
+from cvjax.data import coco_folder, shapes
 from cvjax.registry import Registry
 
 DATASETS = Registry('dataset')
@@ -41,6 +43,11 @@ class DatasetSource:
     flip: whether horizontal flips are a sensible default augmentation (not for digits).
     eval_crop_fraction: default central crop fraction at evaluation.
     max_boxes: default boxes per example (detection).
+    category_ids: detection: the dataset's original category id of each label (COCO ids for results files);
+      None when labels are the only ids.
+    annotation_file: detection: the COCO instances json of the split, when there is one.
+    skip_corrupt: skip undecodable images with a warning instead of failing (user folders; TFDS datasets
+      were checked when prepared, so a bad record there is an error).
   """
 
   name: str
@@ -54,6 +61,14 @@ class DatasetSource:
   flip: bool = True
   eval_crop_fraction: float = 1.0
   max_boxes: int = 100
+  category_ids: tuple[int, ...] | None = None
+  annotation_file: str | None = None
+  skip_corrupt: bool = False
+
+
+# Original COCO category ids of TFDS coco/2014 and coco/2017's 80 labels (TFDS keeps the json's sorted order).
+COCO_CATEGORY_IDS = (*range(1, 12), *range(13, 26), 27, 28, *range(31, 45), *range(46, 66), 67, 70,
+                     *range(72, 83), *range(84, 91))
 
 
 def _option(dataset_config, key: str, default=None):
@@ -68,12 +83,14 @@ def _classification_record(record: dict) -> dict:
 def _detection_record(record: dict, image_id_key: str, crowd_key: str | None) -> dict:
   """Canonical detection record; sequence features come back from TFDS as lists of arrays or scalars."""
   objects = record['objects']
-  boxes = np.asarray(objects['bbox'], np.float32).reshape(-1, 4)
-  labels = np.asarray(objects['label'], np.int32).reshape(-1)
+  canonical = {'boxes': np.asarray(objects['bbox'], np.float32).reshape(-1, 4),
+               'labels': np.asarray(objects['label'], np.int32).reshape(-1)}
+  if 'area' in objects:
+    canonical['area'] = np.asarray(objects['area'], np.float32).reshape(-1)
   if crowd_key is not None:  # Crowd regions are not detection targets (DETR drops them too).
     keep = ~np.asarray(objects[crowd_key], bool).reshape(-1)
-    boxes, labels = boxes[keep], labels[keep]
-  return {'image': record['image'], 'boxes': boxes, 'labels': labels, 'image_id': int(record[image_id_key])}
+    canonical = {key: value[keep] for key, value in canonical.items()}
+  return {'image': record['image'], 'image_id': int(record[image_id_key]), **canonical}
 
 
 def _check_task(name: str, task: str, supported: Sequence[str]) -> None:
@@ -147,10 +164,23 @@ def _coco(dataset_config, data_dir: str, split: str) -> DatasetSource:
   name = f'coco/{_option(dataset_config, "config_name", "2017")}'
   _check_task(name, _option(dataset_config, 'task', 'detection'), ('detection',))
   builder = _prepared_builder(data_dir, name)
+  class_names = tuple(builder.info.features['objects']['label'].names)
   return DatasetSource(
       name=name, split=split, task='detection', records=_data_source(builder, name, split),
-      parse=lambda record: _detection_record(record, 'image/id', 'is_crowd'),
-      class_names=tuple(builder.info.features['objects']['label'].names), image_size=512)
+      parse=lambda record: _detection_record(record, 'image/id', 'is_crowd'), class_names=class_names,
+      image_size=512, category_ids=COCO_CATEGORY_IDS if len(class_names) == 80 else None)
+
+
+@DATASETS.register('coco_folder')
+def _coco_folder(dataset_config, data_dir: str, split: str) -> DatasetSource:
+  """A COCO-format folder (images + instances json) per split; `data_dir` is unused (see `coco_folder`)."""
+  del data_dir
+  _check_task('coco_folder', _option(dataset_config, 'task', 'detection'), ('detection',))
+  folder = coco_folder.load(dataset_config, split)
+  return DatasetSource(
+      name=f'coco_folder:{folder.annotation_file}', split=split, task='detection', records=folder.records,
+      parse=coco_folder.parse, class_names=folder.class_names, image_size=512,
+      category_ids=folder.category_ids, annotation_file=folder.annotation_file, skip_corrupt=True)
 
 
 @DATASETS.register('shapes')

@@ -8,12 +8,22 @@ batches (so collective eval steps line up) and rows past the real examples have 
 
 Batches are dicts of NumPy arrays with leading dim `config.batch_size // process_count`:
   classification: image float32 [b, S, S, 3] (ImageNet-normalised), label int32 [b], mask bool [b].
-  detection: image, boxes float32 [b, M, 4] normalised cxcywh, labels int32 [b, M], valid bool [b, M],
-    pixel_mask bool [b, S, S], image_id int32 [b], orig_size int32 [b, 2] (h, w), mask bool [b].
+  detection: image float32 [b, H, W, 3], boxes float32 [b, M, 4] normalised cxcywh (relative to each image's
+    real region), labels int32 [b, M], valid bool [b, M], area float32 [b, M] (annotation area in original
+    pixels, else the box's; 0 where not valid), pixel_mask bool [b, H, W] (True on real pixels, which start
+    top-left), image_id int32 [b] (-1 on padding rows), orig_size int32 [b, 2] (h, w), mask bool [b].
+    (H, W) is S x S when letterboxing (no `scales`); with DETR multi-scale resizing it is the smallest of
+    `buckets` that holds every image of the batch (see `cvjax.data.batching`).
+
+Folder datasets (`DatasetSource.skip_corrupt`) skip undecodable images with one warning per file: training
+streams filter them out (epochs are a little shorter; the resumable position counts examples read), and
+evaluation passes turn them into padding rows (`mask=False`), so batch counts stay equal across processes
+and every decodable example is still seen exactly once.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import threading
 from typing import Any
@@ -22,7 +32,7 @@ import grain
 import numpy as np
 from absl import logging
 
-from cvjax.data import preprocessing
+from cvjax.data import batching, preprocessing
 from cvjax.data.datasets import DATASETS, DatasetSource
 
 _SHUFFLE_STREAM, _AUGMENT_STREAM = 0, 1
@@ -54,8 +64,71 @@ def _option(dataset_config, key: str, default):
   return default if value is None else value
 
 
+_MULTISCALE_KEYS = ('max_size', 'eval_scale', 'crop_prob', 'crop_resize_scales', 'crop_size', 'buckets')
+
+
+def _positive_ints(dataset_config, key: str, default, count: int | None = None) -> tuple[int, ...]:
+  """`config.dataset.<key>` as a tuple of positive ints (of length `count` if given), else a ValueError."""
+  value = _option(dataset_config, key, default)
+  try:
+    ints = tuple(int(v) for v in (value if isinstance(value, (tuple, list)) else (value,)))
+  except (TypeError, ValueError):
+    ints = ()
+  if not ints or min(ints) < 1 or (count is not None and len(ints) != count):
+    what = 'a positive integer' if count == 1 else f'{count or "some"} positive integers'
+    raise ValueError(f'config.dataset.{key} must be {what}, got {value!r}')
+  return ints
+
+
+def _multiscale_options(dataset_config, task: str) -> dict:
+  """The DETR multi-scale fields of `preprocessing.Options` from `config.dataset` ({} = letterbox mode)."""
+  if _option(dataset_config, 'scales', ()) and task != 'detection':
+    raise ValueError(f'config.dataset.scales (DETR multi-scale resizing) applies to detection, not {task}')
+  if not _option(dataset_config, 'scales', ()):
+    given = [key for key in _MULTISCALE_KEYS if dataset_config.get(key, None) is not None]
+    if given:
+      raise ValueError(f'config.dataset.{given[0]} only applies to DETR multi-scale resizing, which '
+                       'config.dataset.scales turns on (e.g. (480, 512, ..., 800)); without scales every image '
+                       'is letterboxed to image_size')
+    return {}
+  scales = _positive_ints(dataset_config, 'scales', ())
+  (max_size,) = _positive_ints(dataset_config, 'max_size', 1333, count=1)
+  (eval_scale,) = _positive_ints(dataset_config, 'eval_scale', max(scales), count=1)
+  crop_size = _positive_ints(dataset_config, 'crop_size', (384, 600), count=2)
+  crop_prob = float(_option(dataset_config, 'crop_prob', 0.5))
+  if crop_size[0] > crop_size[1]:
+    raise ValueError(f'config.dataset.crop_size must be (min, max) with min <= max, got {crop_size}')
+  if not 0.0 <= crop_prob <= 1.0:
+    raise ValueError(f'config.dataset.crop_prob must be in [0, 1], got {crop_prob}')
+  return dict(scales=scales, max_size=max_size, eval_scale=eval_scale, crop_prob=crop_prob,
+              crop_resize_scales=_positive_ints(dataset_config, 'crop_resize_scales', (400, 500, 600)),
+              crop_size=crop_size)
+
+
+def _buckets(dataset_config, options: preprocessing.Options) -> tuple[batching.Bucket, ...]:
+  """The allowed detection batch shapes, smallest first: S x S when letterboxing."""
+  if not options.scales:
+    return ((options.image_size, options.image_size),)
+  configured = dataset_config.get('buckets', None)
+  if configured is None:
+    return batching.default_buckets(max(max(options.scales), options.eval_scale), options.max_size)
+  buckets = batching.check_buckets(configured)
+  largest = buckets[-1]
+  if min(largest) < options.max_size:
+    raise ValueError(f'config.dataset.buckets {tuple(configured)}: the largest bucket {largest} must be at '
+                     f'least max_size x max_size = {options.max_size} x {options.max_size} so that every '
+                     'resized image fits; add a larger bucket or lower config.dataset.max_size')
+  return buckets
+
+
 class Pipeline:
   """Batches of one split for one process.
+
+  Attributes:
+    options: the preprocessing options resolved from the config and the dataset's defaults.
+    buckets: the (height, width) detection batches are padded to, smallest area first (S x S only when
+      letterboxing).
+    per_process_batch_size: leading dim of every batch.
 
   Keys read from `config.dataset` (None or absent = the default):
     name (str), task ('classification' | 'detection'), config_name (TFDS builder config),
@@ -63,7 +136,13 @@ class Pipeline:
     augment (bool, True; training only), crop_scale ((lo, hi), dataset default), crop_ratio ((lo, hi),
     (3/4, 4/3)), flip (bool, dataset default), eval_crop_fraction (float, dataset default),
     max_boxes (int, dataset default), num_threads (int, 2), prefetch (int, 4 batches),
-    and for `shapes` only: num_examples ({split: count}), generation_seed (int, 0).
+    for `shapes` only: num_examples ({split: count}), generation_seed (int, 0),
+    for `coco_folder` only: path (str), folders ({split: (images_dir, annotation_file)}).
+  Detection, DETR multi-scale mode (all unset = letterbox every image to image_size x image_size):
+    scales ((int, ...), shorter sides for training, e.g. (480, 512, ..., 800)), max_size (int, 1333, cap on
+    the longer side), eval_scale (int, max(scales)), crop_prob (float, 0.5), crop_resize_scales ((int, ...),
+    (400, 500, 600)), crop_size ((min, max), (384, 600)), buckets (((h, w), ...), default
+    `batching.default_buckets`; the largest must hold max_size x max_size, so every image fits).
   """
 
   def __init__(self, source: DatasetSource, dataset_config, *, batch_size: int, seed: int, train: bool,
@@ -92,11 +171,16 @@ class Pipeline:
         crop_ratio=tuple(_option(dataset_config, 'crop_ratio', (3.0 / 4.0, 4.0 / 3.0))),
         flip=bool(_option(dataset_config, 'flip', source.flip)),
         eval_crop_fraction=float(_option(dataset_config, 'eval_crop_fraction', source.eval_crop_fraction)),
-        max_boxes=int(_option(dataset_config, 'max_boxes', source.max_boxes)))
-    self._read_options = grain.ReadOptions(num_threads=int(_option(dataset_config, 'num_threads', 2)),
-                                           prefetch_buffer_size=int(_option(dataset_config, 'prefetch', 4)))
+        max_boxes=int(_option(dataset_config, 'max_boxes', source.max_boxes)),
+        **_multiscale_options(dataset_config, source.task))
+    self.buckets = _buckets(dataset_config, self.options)
+    self._num_threads = int(_option(dataset_config, 'num_threads', 2))
+    self._prefetch_batches = int(_option(dataset_config, 'prefetch', 4))
     self._dropped_boxes = 0
-    self._dropped_lock = threading.Lock()
+    self._skipped: set[int] = set()
+    self._lock = threading.Lock()
+    self._batch_fn = (functools.partial(batching.collate_detection, buckets=self.buckets)
+                      if source.task == 'detection' else None)
 
   @property
   def task(self) -> str:
@@ -116,8 +200,20 @@ class Pipeline:
     return len(self._source.records)
 
   @property
+  def category_ids(self) -> tuple[int, ...] | None:
+    """The dataset's original category id of each label (COCO ids), or None when it has none."""
+    return self._source.category_ids
+
+  @property
+  def annotation_file(self) -> str | None:
+    """The split's COCO instances json when the dataset has one (COCO-format folders)."""
+    return self._source.annotation_file
+
+  @property
   def image_shape(self) -> tuple[int, int, int]:
-    return (self.options.image_size, self.options.image_size, 3)
+    """Model input shape: S x S x 3 when letterboxing, else the largest bucket's."""
+    height, width = self.buckets[-1]
+    return (height, width, 3)
 
   @property
   def num_batches(self) -> int | None:
@@ -132,34 +228,58 @@ class Pipeline:
     """Boxes dropped so far because an example had more than `max_boxes` (detection)."""
     return self._dropped_boxes
 
-  def _example(self, index: int, rng: np.random.Generator | None) -> dict:
-    """Preprocessed record `index` of the split (see the module docstring for the features)."""
+  @property
+  def skipped_images(self) -> int:
+    """Distinct undecodable images skipped so far (datasets with `skip_corrupt` only)."""
+    return len(self._skipped)
+
+  def _example(self, index: int, rng: np.random.Generator | None) -> dict | None:
+    """Preprocessed record `index` of the split (module docstring), or None for a skipped corrupt image."""
     where = f'dataset {self._source.name!r}, split {self._source.split!r}, record {index}'
     try:
       record = self._source.parse(self._source.records[index])
+      if 'file_name' in record:
+        where += f' ({record["file_name"]})'
+      image = preprocessing.decode_image(record['image'], where)
+    except preprocessing.ImageDecodeError as error:
+      if not self._source.skip_corrupt:
+        raise
+      self._skip(index, error)
+      return None
     except Exception as error:
       raise RuntimeError(f'{where}: cannot read the record: {error}') from error
-    image = preprocessing.decode_image(record['image'], where)
     if self.task == 'classification':
       return {'image': preprocessing.classification_image(image, rng, self.options),
               'label': np.int32(record['label']), 'mask': np.bool_(True)}
     example, dropped = preprocessing.detection_example(image, record['boxes'], record['labels'], rng,
-                                                       self.options)
+                                                       self.options, area=record.get('area'))
     if dropped:
-      self._count_dropped(dropped, where, len(record['boxes']))
+      self._count_dropped(dropped, where)
     example.update(image_id=np.int32(record['image_id']), mask=np.bool_(True))
     return example
 
-  def _count_dropped(self, dropped: int, where: str, total: int) -> None:
-    with self._dropped_lock:
+  def _count_dropped(self, dropped: int, where: str) -> None:
+    with self._lock:
       first = self._dropped_boxes == 0
       self._dropped_boxes += dropped
     if first:
       logging.warning('%s has %d boxes, more than max_boxes=%d: keeping the first %d. Further truncations are '
-                      'not logged; Pipeline.dropped_boxes counts them.', where, total, self.options.max_boxes,
-                      self.options.max_boxes)
+                      'not logged; Pipeline.dropped_boxes counts them.', where, self.options.max_boxes + dropped,
+                      self.options.max_boxes, self.options.max_boxes)
 
-  def _train_dataset(self) -> grain.MapDataset:
+  def _skip(self, index: int, error: Exception) -> None:
+    with self._lock:
+      first = index not in self._skipped
+      self._skipped.add(index)
+      everything = len(self._skipped) == self._shard[1] - self._shard[0]
+    if first:
+      logging.warning('skipping an undecodable image: %s', error)
+    if everything:  # Else a training stream would filter forever.
+      raise RuntimeError(f'dataset {self._source.name!r} split {self._source.split!r}: every image of this '
+                         f'process\'s shard (records {self._shard[0]}..{self._shard[1] - 1}) is undecodable'
+                         ) from error
+
+  def _train_dataset(self) -> grain.IterDataset:
     start, stop = self._shard
     length = stop - start
     shuffle_seed = int(np.random.SeedSequence([self._seed, _SHUFFLE_STREAM]).generate_state(1)[0])
@@ -171,17 +291,29 @@ class Pipeline:
 
     # shuffle-then-repeat draws a fresh permutation per epoch (grain seeds each epoch with seed + epoch).
     positions = grain.MapDataset.range(length).shuffle(seed=shuffle_seed).repeat()
-    return positions.map_with_index(example).batch(self.per_process_batch_size, drop_remainder=True)
+    # Batching after the filter keeps batches full when corrupt images are skipped; the iterator state is
+    # then the number of examples read, still exact to resume from.
+    read_options = grain.ReadOptions(num_threads=self._num_threads,
+                                     prefetch_buffer_size=self._prefetch_batches * self.per_process_batch_size)
+    examples = positions.map_with_index(example).to_iter_dataset(read_options)
+    return examples.filter(lambda e: e is not None).batch(self.per_process_batch_size, drop_remainder=True,
+                                                         batch_fn=self._batch_fn)
 
-  def _eval_dataset(self) -> grain.MapDataset:
+  def _eval_dataset(self) -> grain.IterDataset:
     start, stop = self._shard
     padding = preprocessing.padding_example(self.task, self.options)
 
     def example(local_index: int) -> dict:
-      return self._example(start + local_index, None) if start + local_index < stop else padding
+      if start + local_index >= stop:
+        return padding
+      real = self._example(start + local_index, None)
+      return padding if real is None else real  # A skipped corrupt image leaves a masked row.
 
     total = self.num_batches * self.per_process_batch_size
-    return grain.MapDataset.range(total).map(example).batch(self.per_process_batch_size)
+    batches = grain.MapDataset.range(total).map(example).batch(self.per_process_batch_size,
+                                                               batch_fn=self._batch_fn)
+    return batches.to_iter_dataset(grain.ReadOptions(num_threads=self._num_threads,
+                                                     prefetch_buffer_size=self._prefetch_batches))
 
   def _fingerprint(self) -> dict:
     """What a saved iterator state must match to be restored into this pipeline."""
@@ -192,7 +324,7 @@ class Pipeline:
   def iterator(self, state: dict | None = None) -> PipelineIterator:
     """A fresh iterator over the batches; with `state` from `get_state()` it resumes exactly there."""
     dataset = self._train_dataset() if self._train else self._eval_dataset()
-    iterator = PipelineIterator(iter(dataset.to_iter_dataset(self._read_options)), self._fingerprint())
+    iterator = PipelineIterator(iter(dataset), self._fingerprint())
     if state is not None:
       iterator.set_state(state)
     return iterator

@@ -1,9 +1,13 @@
 """Per-example preprocessing on host: pure NumPy/PIL functions (no JAX, no TensorFlow).
 
-Conventions: decoded images are uint8 [H, W, 3] RGB; model inputs are float32 [S, S, 3] normalised with the
-ImageNet mean/std (the pipeline normalises, models don't). Boxes arrive from TFDS as normalised
-(ymin, xmin, ymax, xmax) and leave as normalised (cx, cy, w, h) relative to the real (unpadded) image region,
-as DETR's losses expect. Randomness always comes from an explicit `np.random.Generator`.
+Conventions: decoded images are uint8 [H, W, 3] RGB; model inputs are float32 [.., .., 3] normalised with the
+ImageNet mean/std (the pipeline normalises, models don't). Boxes arrive as normalised (ymin, xmin, ymax, xmax)
+and leave as normalised (cx, cy, w, h) relative to the real (unpadded) image region, as DETR's losses expect.
+Randomness always comes from an explicit `np.random.Generator`.
+
+Detection examples are either letterboxed onto a square S x S canvas (`Options.scales` empty, the default) or
+resized DETR-style to their own size (shorter side from `scales`, longer side <= `max_size`; see
+`cvjax.data.detection_transforms`), in which case `cvjax.data.batching` pads each batch to a bucket.
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ import io
 
 import numpy as np
 from PIL import Image
+
+from cvjax.data import detection_transforms
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
@@ -35,6 +41,13 @@ class Options:
     eval_crop_fraction: side of the central square crop as a fraction of the shorter image side, used when
       not augmenting (1.0 = whole square image; 0.875 is the usual ImageNet 224/256).
     max_boxes: boxes per example after padding/truncation (detection).
+    scales: detection: shorter-side sizes drawn from when training (DETR multi-scale); empty = letterbox
+      every image to image_size x image_size instead (and the fields below are unused).
+    max_size: detection: cap on the longer side after the multi-scale resize.
+    eval_scale: detection: shorter side when not augmenting (multi-scale mode).
+    crop_prob: detection: probability of DETR's random crop branch when augmenting (multi-scale mode).
+    crop_resize_scales: detection: shorter sides of the resize that precedes the random crop.
+    crop_size: detection: (min, max) side of the random crop, in pixels of that resized image.
   """
 
   image_size: int
@@ -44,6 +57,12 @@ class Options:
   flip: bool = True
   eval_crop_fraction: float = 1.0
   max_boxes: int = 100
+  scales: tuple[int, ...] = ()
+  max_size: int = 1333
+  eval_scale: int = 800
+  crop_prob: float = 0.5
+  crop_resize_scales: tuple[int, ...] = (400, 500, 600)
+  crop_size: tuple[int, int] = (384, 600)
 
 
 def decode_image(data: bytes, where: str) -> np.ndarray:
@@ -140,11 +159,6 @@ def yxyx_to_cxcywh(boxes: np.ndarray) -> np.ndarray:
   return np.stack([(xmin + xmax) / 2, (ymin + ymax) / 2, xmax - xmin, ymax - ymin], axis=-1)
 
 
-def hflip_cxcywh(boxes: np.ndarray) -> np.ndarray:
-  """Boxes [..., 4] normalised cxcywh of an image flipped left-right: cx -> 1 - cx."""
-  return np.concatenate([1.0 - boxes[..., :1], boxes[..., 1:]], axis=-1)
-
-
 def pad_boxes(boxes: np.ndarray, labels: np.ndarray, max_boxes: int):
   """Pads (or truncates to the first `max_boxes`) boxes [N, 4] and labels [N].
 
@@ -160,14 +174,53 @@ def pad_boxes(boxes: np.ndarray, labels: np.ndarray, max_boxes: int):
   return out_boxes, out_labels, valid, len(boxes) - n
 
 
-def detection_example(image: np.ndarray, boxes_yxyx: np.ndarray, labels: np.ndarray,
-                      rng: np.random.Generator | None, options: Options):
-  """One detection example: letterbox to S x S, boxes to cxcywh, pad to `max_boxes`.
+def _letterbox(image: np.ndarray, boxes: np.ndarray, rng: np.random.Generator | None, options: Options):
+  """Flips (when augmenting) and letterboxes uint8 `image` onto an S x S canvas; boxes stay normalised."""
+  h, w = image.shape[:2]
+  size = options.image_size
+  if options.augment and options.flip and rng.random() < 0.5:
+    image, boxes = image[:, ::-1], detection_transforms.hflip_yxyx(boxes)
+  scale = size / max(h, w)
+  new_h, new_w = max(1, round(h * scale)), max(1, round(w * scale))
+  canvas = np.zeros((size, size, 3), np.float32)
+  canvas[:new_h, :new_w] = normalize(_resize(np.ascontiguousarray(image), (0, 0, w, h), (new_h, new_w)))
+  pixel_mask = np.zeros((size, size), bool)
+  pixel_mask[:new_h, :new_w] = True
+  return canvas, boxes, pixel_mask
 
-  The image is resized (aspect kept) so that its longer side is S and placed top-left on a zero canvas
-  (zero after normalisation, as DETR pads); boxes stay normalised to the real image region, which
-  `pixel_mask` marks. Degenerate boxes (zero width or height) are removed, as DETR does. Augmenting flips
-  image and boxes together with probability 1/2 if `options.flip`.
+
+def _multiscale(image: np.ndarray, boxes: np.ndarray, rng: np.random.Generator | None, options: Options):
+  """DETR's flip / random crop / multi-scale resize (eval: resize to `eval_scale`) of uint8 `image`.
+
+  Returns the normalised image at its own size, the boxes normalised to it, the bool [N] mask of input
+  boxes that survive the crop and the fraction [K] of each survivor's area inside it.
+  """
+  h, w = image.shape[:2]
+  if options.augment:
+    if options.flip and rng.random() < 0.5:
+      image, boxes = image[:, ::-1], detection_transforms.hflip_yxyx(boxes)
+    window, size = detection_transforms.train_geometry(
+        rng, h, w, scales=options.scales, max_size=options.max_size, crop_prob=options.crop_prob,
+        crop_resize_scales=options.crop_resize_scales, crop_size=options.crop_size)
+  else:
+    window = detection_transforms.FULL_WINDOW
+    size = detection_transforms.shorter_side_size(h, w, options.eval_scale, options.max_size)
+  boxes, keep, fraction = detection_transforms.crop_boxes(boxes, window)
+  y0, x0, y1, x1 = window
+  pixels = normalize(_resize(np.ascontiguousarray(image), (x0 * w, y0 * h, x1 * w, y1 * h), size))
+  return pixels, boxes, keep, fraction
+
+
+def detection_example(image: np.ndarray, boxes_yxyx: np.ndarray, labels: np.ndarray,
+                      rng: np.random.Generator | None, options: Options, area: np.ndarray | None = None):
+  """One detection example: resize (letterbox or DETR multi-scale), boxes to cxcywh, pad to `max_boxes`.
+
+  Boxes are clipped to the image; degenerate ones (zero width or height, e.g. entirely outside) are removed,
+  as DETR does. Letterbox mode (`options.scales` empty): the image is resized (aspect kept) so that its longer
+  side is S and placed top-left on a zero canvas (zero after normalisation, as DETR pads); augmenting flips
+  image and boxes with probability 1/2 if `options.flip`. Multi-scale mode: see `_multiscale`; the image
+  keeps its own size and `pixel_mask` is all True until the batch is padded. Either way boxes are normalised
+  to the real image region.
 
   Args:
     image: uint8 [H, W, 3].
@@ -175,40 +228,50 @@ def detection_example(image: np.ndarray, boxes_yxyx: np.ndarray, labels: np.ndar
     labels: int [N].
     rng: randomness for augmentation (unused when not augmenting).
     options: see `Options`.
+    area: float [N] annotation areas in original pixels (COCO's `area`); None or NaN entries mean the area of
+      the (clipped) box. A random crop scales an area by the fraction of its box that stays inside the crop.
 
   Returns:
-    (features, dropped): features has `image` float32 [S, S, 3], `boxes` float32 [M, 4] cxcywh, `labels`
-    int32 [M], `valid` bool [M], `pixel_mask` bool [S, S], `orig_size` int32 [2] = (H, W); `dropped` is
-    the number of boxes beyond `max_boxes` = M.
+    (features, dropped): features has `image` float32 [h, w, 3] (S x S in letterbox mode), `pixel_mask`
+    bool [h, w], `boxes` float32 [M, 4] cxcywh, `labels` int32 [M], `valid` bool [M], `area` float32 [M]
+    (0 past the real boxes), `orig_size` int32 [2] = (H, W); `dropped` is the number of boxes beyond
+    `max_boxes` = M.
   """
   h, w = image.shape[:2]
-  size = options.image_size
-  boxes = yxyx_to_cxcywh(np.clip(np.asarray(boxes_yxyx, np.float32).reshape(-1, 4), 0.0, 1.0))
-  keep = (boxes[:, 2] > 0) & (boxes[:, 3] > 0)
-  boxes, labels = boxes[keep], np.asarray(labels).reshape(-1)[keep]
-  if options.augment and options.flip and rng.random() < 0.5:
-    image, boxes = image[:, ::-1], hflip_cxcywh(boxes)
-  scale = size / max(h, w)
-  new_h, new_w = max(1, round(h * scale)), max(1, round(w * scale))
-  canvas = np.zeros((size, size, 3), np.float32)
-  canvas[:new_h, :new_w] = normalize(_resize(np.ascontiguousarray(image), (0, 0, w, h), (new_h, new_w)))
-  pixel_mask = np.zeros((size, size), bool)
-  pixel_mask[:new_h, :new_w] = True
-  boxes, labels, valid, dropped = pad_boxes(boxes, labels, options.max_boxes)
-  features = {'image': canvas, 'boxes': boxes, 'labels': labels, 'valid': valid, 'pixel_mask': pixel_mask,
-              'orig_size': np.array([h, w], np.int32)}
+  boxes = np.clip(np.asarray(boxes_yxyx, np.float32).reshape(-1, 4), 0.0, 1.0)
+  labels = np.asarray(labels, np.int32).reshape(-1)
+  box_area = detection_transforms.box_area(boxes) * (h * w)
+  area = box_area if area is None else np.asarray(area, np.float32).reshape(-1)
+  area = np.where(np.isnan(area), box_area, area)
+  keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+  boxes, labels, area = boxes[keep], labels[keep], area[keep]
+  if options.scales:
+    pixels, boxes, keep, fraction = _multiscale(image, boxes, rng, options)
+    labels, area = labels[keep], area[keep] * fraction
+    pixel_mask = np.ones(pixels.shape[:2], bool)
+  else:
+    pixels, boxes, pixel_mask = _letterbox(image, boxes, rng, options)
+  boxes, labels, valid, dropped = pad_boxes(yxyx_to_cxcywh(boxes), labels, options.max_boxes)
+  padded_area = np.zeros((options.max_boxes,), np.float32)
+  padded_area[valid] = area[:options.max_boxes]
+  features = {'image': pixels, 'boxes': boxes, 'labels': labels, 'valid': valid, 'area': padded_area,
+              'pixel_mask': pixel_mask, 'orig_size': np.array([h, w], np.int32)}
   return features, dropped
 
 
 def padding_example(task: str, options: Options) -> dict:
-  """An all-zero example with `mask=False`, used to fill the last evaluation batch."""
-  size = options.image_size
+  """An all-zero example with `mask=False`, used to fill the last evaluation batch.
+
+  In detection multi-scale mode its image is 1 x 1: batching pads it to the batch's bucket like any other.
+  """
+  size = 1 if task == 'detection' and options.scales else options.image_size
   example = {'image': np.zeros((size, size, 3), np.float32), 'mask': np.bool_(False)}
   if task == 'classification':
     example['label'] = np.int32(0)
   else:
     m = options.max_boxes
     example.update(boxes=np.zeros((m, 4), np.float32), labels=np.zeros((m,), np.int32),
-                   valid=np.zeros((m,), bool), pixel_mask=np.zeros((size, size), bool),
+                   valid=np.zeros((m,), bool), area=np.zeros((m,), np.float32),
+                   pixel_mask=np.zeros((size, size), bool),
                    image_id=np.int32(-1), orig_size=np.zeros((2,), np.int32))
   return example

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Dict, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import jax
 import ml_collections
@@ -18,13 +18,16 @@ Metrics = Dict[str, Tuple[jax.Array, jax.Array]]
 class Task:
   """One family's objective. Subclasses register with ``@TASKS.register(name)``.
 
-  ``dataset_info`` carries ``num_classes`` and ``class_names`` of the input pipeline.
+  ``num_classes``, ``class_names`` and ``category_ids`` (the dataset's own id of each contiguous label, e.g.
+  COCO's, or None) describe the input pipeline's labels.
   """
 
-  def __init__(self, config: ml_collections.ConfigDict, num_classes: int, class_names: Sequence[str]):
+  def __init__(self, config: ml_collections.ConfigDict, num_classes: int, class_names: Sequence[str],
+               category_ids: Optional[Sequence[int]] = None):
     self.config = config
     self.num_classes = num_classes
     self.class_names = list(class_names)
+    self.category_ids = None if category_ids is None else list(category_ids)
 
   def model_inputs(self, batch: Dict[str, Any]) -> Tuple[tuple, dict]:
     """Positional and keyword arguments of ``model.apply`` (besides variables and ``train``)."""
@@ -45,6 +48,7 @@ class Task:
     raise NotImplementedError
 
 
-def create_task(config: ml_collections.ConfigDict, num_classes: int, class_names: Sequence[str]) -> Task:
+def create_task(config: ml_collections.ConfigDict, num_classes: int, class_names: Sequence[str],
+                category_ids: Optional[Sequence[int]] = None) -> Task:
   from cvjax.tasks import classification, detection  # noqa: F401  (registers)
-  return TASKS.get(config.task.name)(config, num_classes, class_names)
+  return TASKS.get(config.task.name)(config, num_classes, class_names, category_ids)

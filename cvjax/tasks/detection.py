@@ -12,7 +12,7 @@ explicit collective.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Dict, Mapping, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -170,15 +170,14 @@ class DetectionTask(Task):
   optionally ``area [B, M]`` (annotation areas in original pixels, for COCO's size buckets).
   """
 
-  def __init__(self, config, num_classes, class_names, category_ids: Optional[Any] = None):
-    super().__init__(config, num_classes, class_names)
+  def __init__(self, config, num_classes, class_names, category_ids=None):
+    super().__init__(config, num_classes, class_names, category_ids)
     task = config.task
     self.weights = CriterionWeights(
         class_weight=float(task.get("class_weight", 1.0)), bbox_weight=float(task.get("bbox_weight", 5.0)),
         giou_weight=float(task.get("giou_weight", 2.0)), eos_coef=float(task.get("eos_coef", 0.1)))
     self.matcher_backend = task.get("matcher_backend", "auto")
     self.num_visualizations = int(task.get("num_visualizations", 4))
-    self.category_ids = category_ids
 
   def model_inputs(self, batch):
     return (batch["image"],), {"pixel_mask": batch["pixel_mask"]}

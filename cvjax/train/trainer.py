@@ -104,7 +104,7 @@ class Experiment:
                            if train else None)
     self.eval_pipeline = create_pipeline(config, config.dataset.eval_split, train=False)
     info = self.eval_pipeline
-    self.task = create_task(config, info.num_classes, info.class_names)
+    self.task = create_task(config, info.num_classes, info.class_names, info.category_ids)
     self.model = build_model(config, info.num_classes)
     self.tx, self.schedule = create_optimizer(config.optimizer, config.total_steps)
 

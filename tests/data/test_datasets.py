@@ -17,7 +17,7 @@ def _config(make_config, data_dir, name, **dataset):
 
 
 def test_registry_names_and_unknown_name(make_config, tmp_path):
-  assert {'shapes', 'mnist', 'cifar10', 'imagenet2012', 'coco'} <= set(DATASETS.names())
+  assert {'shapes', 'mnist', 'cifar10', 'imagenet2012', 'coco', 'coco_folder'} <= set(DATASETS.names())
   with pytest.raises(KeyError, match='valid dataset names: .*cifar10.*shapes'):
     create_pipeline(_config(make_config, str(tmp_path), 'svhn'), 'train', True, 0, 1)
 
@@ -67,7 +67,9 @@ def test_corrupt_image_error_names_dataset_split_and_record(make_config, fake_re
 def test_coco_letterbox_drops_crowds_and_keeps_ids(make_config, fake_real_dir):
   config = _config(make_config, fake_real_dir, 'coco', task='detection', image_size=40, max_boxes=4)
   pipe = create_pipeline(config, 'validation', False, 0, 1)
-  assert pipe.num_classes == 80
+  assert pipe.num_classes == 80 and pipe.annotation_file is None
+  assert len(pipe.category_ids) == 80 and pipe.category_ids[:12] == (*range(1, 12), 13)  # COCO's ids, 12 unused.
+  assert pipe.category_ids[-1] == 90 and list(pipe.category_ids) == sorted(set(pipe.category_ids))
   batch = next(pipe.iterator())
   assert batch['image_id'][:3].tolist() == [1000, 1001, 1002] and batch['mask'].tolist() == [1, 1, 1, 0]
   assert batch['orig_size'][:3].tolist() == [[30, 60], [50, 25], [40, 40]]
@@ -78,6 +80,7 @@ def test_coco_letterbox_drops_crowds_and_keeps_ids(make_config, fake_real_dir):
   # The crowd box (label 7) is gone; the others keep their order and labels.
   np.testing.assert_array_equal(batch['valid'][:3], [[True, True, False, False]] * 3)
   np.testing.assert_array_equal(batch['labels'][:3, :2], [[3, 79]] * 3)
+  np.testing.assert_array_equal(batch['area'][:3], [[1, 3, 0, 0]] * 3)  # TFDS `objects/area`, crowd gone.
   np.testing.assert_allclose(batch['boxes'][0, :2], [[0.55, 0.3, 0.7, 0.4], [0.35, 0.45, 0.1, 0.3]],
                              atol=1e-6)
   raw = tfds.builder_from_directory(f'{fake_real_dir}/coco/2017/1.0.0').as_data_source('validation')[1]

@@ -43,11 +43,13 @@ def test_detection_batches(shapes_dir, make_config):
   config = make_config(shapes_dir, task='detection', config_name='detection_32', max_boxes=5)
   batch = next(create_pipeline(config, 'train', train=True, process_index=0, process_count=1).iterator())
   expected = {'image': ((8, 32, 32, 3), np.float32), 'boxes': ((8, 5, 4), np.float32),
-              'labels': ((8, 5), np.int32), 'valid': ((8, 5), bool), 'pixel_mask': ((8, 32, 32), bool),
+              'labels': ((8, 5), np.int32), 'valid': ((8, 5), bool), 'area': ((8, 5), np.float32),
+              'pixel_mask': ((8, 32, 32), bool),
               'image_id': ((8,), np.int32), 'orig_size': ((8, 2), np.int32), 'mask': ((8,), bool)}
   assert {k: (v.shape, v.dtype) for k, v in batch.items()} == expected
   assert batch['pixel_mask'].all() and (batch['orig_size'] == 32).all()
   assert not batch['boxes'][~batch['valid']].any() and not batch['labels'][~batch['valid']].any()
+  assert not batch['area'][~batch['valid']].any() and (batch['area'][batch['valid']] > 0).all()
 
 
 def test_eval_images_are_normalised_records_in_order(shapes_dir, make_config, shapes_records):
@@ -162,6 +164,7 @@ def test_boxes_are_cxcywh_of_the_tfds_boxes(shapes_dir, make_config, shapes_reco
     reference = np.stack([(xmin + xmax) / 2, (ymin + ymax) / 2, xmax - xmin, ymax - ymin], axis=1)
     np.testing.assert_allclose(batch['boxes'][i][:n], reference, atol=1e-6)
     np.testing.assert_array_equal(batch['labels'][i][:n], records[image_id]['objects']['label'])
+    np.testing.assert_array_equal(batch['area'][i][:n], records[image_id]['objects']['area'])  # Visible pixels.
 
 
 def test_max_boxes_truncates_counts_and_warns_once(shapes_dir, make_config, shapes_records, caplog):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cvjax.data import preprocessing
+from cvjax.data import detection_transforms, preprocessing
 
 
 def _png(array):
@@ -39,8 +39,7 @@ def test_box_conversion_and_flip_against_corner_formulas():
                              atol=1e-6)  # float32 output.
   # Flipping the image maps x -> 1 - x, so the flipped box has corners (1 - xmax, 1 - xmin).
   flipped_yxyx = np.stack([ymin, 1 - xmax, ymax, 1 - xmin], 1)
-  np.testing.assert_allclose(preprocessing.hflip_cxcywh(cxcywh), preprocessing.yxyx_to_cxcywh(flipped_yxyx),
-                             atol=1e-6)
+  np.testing.assert_allclose(detection_transforms.hflip_yxyx(yxyx), flipped_yxyx, atol=1e-6)
 
 
 def test_pad_boxes_pads_and_truncates():
