@@ -1,8 +1,10 @@
 """cvjax launcher: ``python launch.py --config=configs/resnet.py[:preset] [--config.key=value ...]``.
 
-Modes: ``train`` (train with periodic eval and checkpoints; resumes from --workdir when it has checkpoints)
-and ``eval`` (evaluate the latest checkpoint in --workdir). Multi-host: on TPU pods / SLURM / Open MPI the
-cluster is detected; elsewhere pass --coordinator_address, --num_processes and --process_id to every process.
+Modes: ``train`` (train with periodic eval and checkpoints; resumes from --workdir when it has checkpoints),
+``eval`` (evaluate the latest checkpoint in --workdir) and ``explain`` (attention maps of the latest
+checkpoint's ViT on the first validation images, as PNGs in --workdir/explain). Multi-host: on TPU pods /
+SLURM / Open MPI the cluster is detected; elsewhere pass --coordinator_address, --num_processes and
+--process_id to every process.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file[:preset].", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory; default runs/<config>-<preset>-<time>.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"], "What to run.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "explain"], "What to run.")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (multi-process).")
@@ -32,14 +34,17 @@ def default_workdir(config) -> str:
 
 def run(config, workdir: str, mode: str):
   """The launcher's code path without flag parsing (tests call this)."""
-  import jax  # deferred so that XLA flags set by the caller take effect
+  from cvjax.train import trainer  # deferred so that XLA flags set by the caller take effect
 
-  from cvjax.train import trainer
+  trainer.write_config(config, workdir)
+  if config.get("ablation"):
+    from cvjax.train.ablation import run_ablation  # each variant in workdir/<variant>/, then table + plot
 
-  if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+    return run_ablation(config, workdir, mode)
+  if mode == "explain":
+    from cvjax.viz.explain import explain_latest  # attention PNGs of the latest checkpoint
+
+    return explain_latest(config, workdir)
   if mode == "train":
     return trainer.train_and_evaluate(config, workdir)
   return trainer.evaluate_latest(config, workdir)

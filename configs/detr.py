@@ -21,6 +21,9 @@ these presets train the backbone from its initialisation unless you restore conv
 from cvjax.train.config import base_config, select_preset, tiny_run
 
 COCO_TRAIN_IMAGES = 118_287
+# DETR trains only the backbone's layer2..layer4: the stem and the first stage stay as pretrained (and, being
+# frozen, cost no backward pass).
+BACKBONE_FROZEN = ("backbone/conv1/.*", "backbone/bn1/.*", "backbone/layer1_.*")
 
 
 def _shapes(c, steps: int):
@@ -38,6 +41,7 @@ def _shapes(c, steps: int):
   c.init.pretrain_config = "configs/resnet.py"
   c.init.mapping = (("backbone", ""),)
   c.optimizer.lr_multipliers = (("backbone/.*", 0.1),)
+  c.optimizer.freeze = BACKBONE_FROZEN
   c.model.d_model = 128
   c.model.num_heads = 8
   c.model.ffn_dim = 512
@@ -104,6 +108,7 @@ def _coco(c, model: str, dilation: bool = False):
   c.optimizer.decay_factor = 0.1
   c.optimizer.grad_clip_norm = 0.1
   c.optimizer.lr_multipliers = (("backbone/.*", 0.1),)   # backbone lr 1e-5
+  c.optimizer.freeze = BACKBONE_FROZEN
   c.log_every = 100
   c.eval_every = 10 * steps_per_epoch
   c.checkpoint_every = steps_per_epoch

@@ -59,6 +59,7 @@ def _pretrain(config: ml_collections.ConfigDict, workdir: str) -> Tuple[str, ml_
     if jax.process_index() == 0:
       print(f"pretraining {config.init.pretrain_config} in {pre_workdir} "
             f"({pre_config.total_steps} steps) to initialise {config.name}", flush=True)
+    trainer.write_config(pre_config, pre_workdir)
     trainer.train_and_evaluate(pre_config, pre_workdir)
   return pre_workdir, pre_config
 

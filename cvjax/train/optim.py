@@ -62,6 +62,13 @@ def parameter_labels(params: Any, multipliers: Sequence[Tuple[str, float]],
   return flax.traverse_util.path_aware_map(label, params)
 
 
+def frozen_mask(opt: ml_collections.ConfigDict, params: Any) -> Any:
+  """``params``-shaped tree of Python bools: True where ``opt.freeze`` freezes the leaf (static at trace time,
+  so the train step can drop those gradients and XLA never computes them)."""
+  freeze = [str(f) for f in opt.freeze]
+  return jax.tree.map(lambda l: l == FROZEN, parameter_labels(params, (), freeze))
+
+
 def create_optimizer(opt: ml_collections.ConfigDict, total_steps: int
                      ) -> Tuple[optax.GradientTransformation, optax.Schedule]:
   """Returns ``(tx, schedule)``; ``schedule(step)`` is the base (multiplier 1) learning rate."""

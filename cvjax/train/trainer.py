@@ -31,7 +31,7 @@ from cvjax.train import initialization
 from cvjax.train import sharding as sharding_lib
 from cvjax.train.checkpoint import Checkpointer
 from cvjax.train.logger import MetricsLogger
-from cvjax.train.optim import create_optimizer
+from cvjax.train.optim import create_optimizer, frozen_mask
 from cvjax.train.state import TrainState
 
 
@@ -55,7 +55,7 @@ def _dummy_batch(pipeline, batch_size: int = 1) -> Dict[str, np.ndarray]:
   return jax.tree.map(lambda x: np.zeros((batch_size,) + x.shape[1:], x.dtype), example)
 
 
-def _train_step(model, task: Task, tx: optax.GradientTransformation, schedule,
+def _train_step(model, task: Task, tx: optax.GradientTransformation, schedule, frozen,
                 state: TrainState, batch: Dict[str, jax.Array]) -> Tuple[TrainState, Dict]:
   step_rng = jax.random.fold_in(state.rng, state.step)
   args, kwargs = task.model_inputs(batch)
@@ -68,6 +68,9 @@ def _train_step(model, task: Task, tx: optax.GradientTransformation, schedule,
     return loss, (metrics, new_model_state.get("batch_stats", state.batch_stats))
 
   (loss, (metrics, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  # Frozen parameters' gradients are replaced by constants: XLA then never computes them (nor the backward
+  # through layers that only lead to frozen parameters, e.g. DETR's frozen stem and first stage).
+  grads = jax.tree.map(lambda g, is_frozen: jnp.zeros_like(g) if is_frozen else g, grads, frozen)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   grad_norm = optax.global_norm(grads)
@@ -125,7 +128,8 @@ class Experiment:
     self._init = jax.jit(init, out_shardings=self.state_sharding)
     replicated = NamedSharding(self.mesh, P())
     self.train_step = jax.jit(
-        functools.partial(_train_step, self.model, self.task, self.tx, self.schedule),
+        functools.partial(_train_step, self.model, self.task, self.tx, self.schedule,
+                          frozen_mask(config.optimizer, self.abstract_state.params)),
         donate_argnums=0, out_shardings=(self.state_sharding, replicated))
     self.eval_step = jax.jit(functools.partial(_eval_step, self.model, self.task), out_shardings=replicated)
     self.checkpointer = Checkpointer(workdir, config.keep_checkpoints)
@@ -191,6 +195,14 @@ class Experiment:
       raise NonFiniteLossError(
           f"the loss or gradient became NaN/Inf at step {bad} (that update was skipped); stopping: {kept}. "
           "Lower the learning rate or enable config.optimizer.grad_clip_norm.")
+
+
+def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """``workdir/config.json``: the resolved config of the run (process 0)."""
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
 
 
 def _mean(metrics: Dict[str, Tuple[Any, Any]]) -> Dict[str, float]:
