@@ -19,11 +19,8 @@ def _jsonl(path):
     return [json.loads(line) for line in f]
 
 
-@pytest.mark.parametrize("config_path", CONFIGS)
-def test_tiny_preset_trains_two_steps_evaluates_and_checkpoints(config_path, load_config, data_dir, tmp_path):
-  config = load_config(config_path, "tiny", data_dir=data_dir)
-  workdir = str(tmp_path / "run")
-  summary = launch.run(config, workdir, "train")
+def _check_trained(config, workdir, summary):
+  """The files a finished tiny run leaves in ``workdir``; returns its final eval record."""
   assert summary["step"] == config.total_steps == 2
   train_steps = [r["step"] for r in _jsonl(os.path.join(workdir, "metrics.jsonl")) if "train/loss" in r]
   assert train_steps == [1, 2]
@@ -35,12 +32,30 @@ def test_tiny_preset_trains_two_steps_evaluates_and_checkpoints(config_path, loa
     assert json.load(f)["step"] == 2
   assert os.listdir(os.path.join(workdir, "tensorboard"))
   assert os.path.isdir(os.path.join(workdir, "checkpoints", "2"))
+  return evals[-1]
+
+
+@pytest.mark.parametrize("config_path", CONFIGS)
+def test_tiny_preset_trains_two_steps_evaluates_and_checkpoints(config_path, load_config, data_dir, tmp_path):
+  config = load_config(config_path, "tiny", data_dir=data_dir)
+  workdir = str(tmp_path / "run")
+  summary = launch.run(config, workdir, "train")
+  # An ablation config trains every variant as a run of its own in workdir/<variant>/, then compares them.
+  variants = [name for name, _ in config.ablation]
+  runs = ([(os.path.join(workdir, name), summary["variants"][name]) for name in variants] if variants
+          else [(workdir, summary)])
+  final_evals = [_check_trained(config, run_dir, run_summary) for run_dir, run_summary in runs]
+  if variants:
+    table = (tmp_path / "run" / "ablation.md").read_text()
+    assert all(f"| {name} |" in table for name in variants)
+    assert os.path.getsize(os.path.join(workdir, "ablation.png")) > 0
   # --mode=eval on the same workdir evaluates that checkpoint and reproduces the final eval.
   result = launch.run(config, workdir, "eval")
-  assert result["step"] == 2
-  eval_keys = [k for k in evals[-1] if k.startswith("eval/")]
-  for k in eval_keys:
-    assert result[k] == pytest.approx(evals[-1][k], rel=1e-5, abs=1e-6), k
+  results = [result["variants"][name] for name in variants] if variants else [result]
+  for result, final_eval in zip(results, final_evals):
+    assert result["step"] == 2
+    for k in [k for k in final_eval if k.startswith("eval/")]:
+      assert result[k] == pytest.approx(final_eval[k], rel=1e-5, abs=1e-6), k
 
 
 def test_eval_without_checkpoint_says_train_first(load_config, data_dir, tmp_path):

@@ -3,5 +3,6 @@
 from cvjax.models import alexnet  # noqa: F401
 from cvjax.models import detr  # noqa: F401
 from cvjax.models import resnet  # noqa: F401
+from cvjax.models import swin  # noqa: F401
 from cvjax.models import vgg  # noqa: F401
 from cvjax.models import vit  # noqa: F401
