@@ -2,7 +2,11 @@
 
 A step is forward + set criterion (Hungarian matching, cross-entropy with eos_coef 0.1, L1 x 5 and
 (1 - GIoU) x 2, on the final and every auxiliary decoder output) + backward + grad-norm clip 0.1 + AdamW
-(lr 1e-4, weight decay 1e-4), in training mode (dropout 0.1), on one batch. HF computes its loss itself,
+(lr 1e-4, weight decay 1e-4), in training mode (dropout 0.1), on one batch. As in the original DETR, the
+backbone's stem and first stage are frozen and layer2..layer4 train, on both sides: cvjax with the optimizer of
+``configs/detr.py:coco_r50`` (its ``freeze`` patterns, backbone lr x0.1), dropping the frozen gradients as the
+launcher's train step does; HF as ``torch_step`` explains (``--hf_as_is`` keeps HF's own setting, which
+freezes the whole backbone and so skips its backward). HF computes its loss itself,
 from ``labels`` (its own scipy matcher and ``auxiliary_loss=True``); cvjax's is
 ``cvjax.tasks.detection.detr_loss`` (``match_sets`` backend 'auto': scipy on CPU). Both models are the
 same architecture with the same random weights (HF ResNet backbone with frozen batch norm, built from a
@@ -34,6 +38,10 @@ from transformers import DetrConfig, DetrForObjectDetection, ResNetConfig
 
 from cvjax.convert import from_transformers
 from cvjax.tasks.detection import detr_loss
+from cvjax.train.initialization import load_config_file
+from cvjax.train.optim import create_optimizer, drop_frozen_gradients, frozen_mask
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 LEARNING_RATE, WEIGHT_DECAY, CLIP_NORM = 1e-4, 1e-4, 0.1
 BACKBONES = {  # torchvision ResNet-18 / -50 as HF ResNet configs
@@ -59,7 +67,11 @@ def random_targets(rng: np.random.Generator, batch: int, max_boxes: int, num_cla
 def cvjax_step(module, variables, images: np.ndarray, targets) -> Callable[[], float]:
   """A closure running one jitted cvjax train step to completion (params and optimizer state donated); it
   returns the step's loss."""
-  tx = optax.chain(optax.clip_by_global_norm(CLIP_NORM), optax.adamw(LEARNING_RATE, weight_decay=WEIGHT_DECAY))
+  opt = load_config_file(os.path.join(REPO, "configs", "detr.py:coco_r50")).optimizer
+  assert (opt.learning_rate, opt.weight_decay, opt.grad_clip_norm) == (LEARNING_RATE, WEIGHT_DECAY, CLIP_NORM)
+  tx, _ = create_optimizer(opt, total_steps=1000)
+  frozen = frozen_mask(opt, variables["params"])
+  assert any(jax.tree.leaves(frozen)), "configs/detr.py's freeze patterns match no parameter"
   batch_stats = variables["batch_stats"]  # the backbone's frozen batch norm: never updated
 
   @functools.partial(jax.jit, donate_argnums=(0, 1))
@@ -72,6 +84,7 @@ def cvjax_step(module, variables, images: np.ndarray, targets) -> Callable[[], f
       return detr_loss(outputs, batch)[0]
 
     loss, grads = jax.value_and_grad(loss_fn)(params)
+    grads = drop_frozen_gradients(grads, frozen)
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, rng, loss
 
@@ -88,9 +101,16 @@ def cvjax_step(module, variables, images: np.ndarray, targets) -> Callable[[], f
   return step
 
 
-def torch_step(model, images: np.ndarray, targets) -> Callable[[], float]:
-  """A closure running one eager HF train step (HF computes the loss from ``labels``); it returns the loss."""
+def torch_step(model, images: np.ndarray, targets, as_is: bool = False) -> Callable[[], float]:
+  """A closure running one eager HF train step (HF computes the loss from ``labels``); it returns the loss.
+  ``as_is`` keeps HF's trainable set instead of the original DETR's."""
   model.train()
+  # The original DETR trains the backbone's layer2..layer4. HF means to (it freezes names without "stage.1",
+  # "stage.2" or "stage.3"), but its ResNet names them "stages.N", so it freezes the whole backbone and skips
+  # its backward; train the same stages as the original, and as cvjax, so both sides do the same work.
+  for name, parameter in model.named_parameters():
+    if not as_is and any(f"encoder.stages.{i}." in name for i in (1, 2, 3)):
+      parameter.requires_grad_(True)
   optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY)
   x = torch.from_numpy(images)
   labels = [{"class_labels": torch.from_numpy(targets["labels"][i][valid]).long(),
@@ -130,6 +150,8 @@ def main():
   parser.add_argument("--num_classes", type=int, default=91)
   parser.add_argument("--max_boxes", type=int, default=10, help="target slots per image (1..max real)")
   parser.add_argument("--steps", type=int, default=5, help="timed rounds (median per implementation)")
+  parser.add_argument("--hf_as_is", action="store_true",
+                      help="HF's own trainable set (whole backbone frozen) instead of the original DETR's")
   parser.add_argument("--threads", type=int, default=os.cpu_count(), help="PyTorch intra-op threads")
   args = parser.parse_args()
 
@@ -147,7 +169,7 @@ def main():
   steps = {"cvjax (jit)": cvjax_step(module, variables, images, targets)}
   steps["cvjax (jit)"]()
   compile_seconds = time.perf_counter() - start
-  steps["HF pytorch (eager)"] = torch_step(hf_model, images, targets)
+  steps["HF pytorch (eager)"] = torch_step(hf_model, images, targets, args.hf_as_is)
 
   print(f"DETR-{args.backbone.upper()}, batch {args.batch}, {args.size}x{args.size}, {args.queries} queries, "
         f"{int(targets['valid'].sum())} target boxes; {jax.default_backend()} ({jax.devices()[0].device_kind}, "

@@ -7,6 +7,7 @@ from typing import Any, Callable, Sequence, Tuple
 
 import flax
 import jax
+import jax.numpy as jnp
 import ml_collections
 import optax
 
@@ -67,6 +68,13 @@ def frozen_mask(opt: ml_collections.ConfigDict, params: Any) -> Any:
   so the train step can drop those gradients and XLA never computes them)."""
   freeze = [str(f) for f in opt.freeze]
   return jax.tree.map(lambda l: l == FROZEN, parameter_labels(params, (), freeze))
+
+
+def drop_frozen_gradients(grads: Any, frozen: Any) -> Any:
+  """Replaces the gradients of frozen leaves (``frozen_mask``) by zeros: constants, so XLA computes neither
+  them nor the backward through layers that only lead to frozen parameters (e.g. DETR's frozen stem and first
+  stage), as PyTorch skips parameters with ``requires_grad=False``."""
+  return jax.tree.map(lambda g, is_frozen: jnp.zeros_like(g) if is_frozen else g, grads, frozen)
 
 
 def create_optimizer(opt: ml_collections.ConfigDict, total_steps: int

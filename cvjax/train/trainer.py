@@ -31,7 +31,7 @@ from cvjax.train import initialization
 from cvjax.train import sharding as sharding_lib
 from cvjax.train.checkpoint import Checkpointer
 from cvjax.train.logger import MetricsLogger
-from cvjax.train.optim import create_optimizer, frozen_mask
+from cvjax.train.optim import create_optimizer, drop_frozen_gradients, frozen_mask
 from cvjax.train.state import TrainState
 
 
@@ -68,9 +68,7 @@ def _train_step(model, task: Task, tx: optax.GradientTransformation, schedule, f
     return loss, (metrics, new_model_state.get("batch_stats", state.batch_stats))
 
   (loss, (metrics, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  # Frozen parameters' gradients are replaced by constants: XLA then never computes them (nor the backward
-  # through layers that only lead to frozen parameters, e.g. DETR's frozen stem and first stage).
-  grads = jax.tree.map(lambda g, is_frozen: jnp.zeros_like(g) if is_frozen else g, grads, frozen)
+  grads = drop_frozen_gradients(grads, frozen)  # static: XLA skips the backward that only frozen leaves need
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   grad_norm = optax.global_norm(grads)
