@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import functools
 import os
-import statistics
 import time
 from typing import Callable, Dict
 
@@ -40,6 +39,7 @@ from cvjax.convert import from_transformers
 from cvjax.tasks.detection import detr_loss
 from cvjax.train.initialization import load_config_file
 from cvjax.train.optim import create_optimizer, drop_frozen_gradients, frozen_mask
+from train_step import median_seconds  # benchmarks/ is on sys.path when this file is run
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -125,20 +125,6 @@ def torch_step(model, images: np.ndarray, targets, as_is: bool = False) -> Calla
     return loss.item()
 
   return step
-
-
-def median_seconds(steps: Dict[str, Callable[[], float]], repeats: int, warmup: int = 2) -> Dict[str, float]:
-  """Median wall time of each step function, measured round-robin so that all share the same CPU load."""
-  for step in steps.values():
-    for _ in range(warmup):
-      step()
-  times = {name: [] for name in steps}
-  for _ in range(repeats):
-    for name, step in steps.items():
-      start = time.perf_counter()
-      step()
-      times[name].append(time.perf_counter() - start)
-  return {name: statistics.median(t) for name, t in times.items()}
 
 
 def main():
