@@ -24,10 +24,12 @@ Presets:
 
 COCO presets read TFDS `coco/2017` prepared as array_record in `config.data_dir` (nothing is downloaded), or a
 COCO-format folder (`--config.dataset.name=coco_folder --config.dataset.path=<root>`). The paper starts from an
-ImageNet-pretrained backbone; `config.init` takes weights from cvjax runs (`init.checkpoint_dir`: a workdir, or
-`init.pretrain_config`: a config trained first), and no command yet writes converted torchvision weights as such
-a workdir (`cvjax.convert.from_torch_state_dict` gives the variables in Python). Without one, these presets
-train the backbone from its random initialisation, far from the paper's results.
+ImageNet-pretrained backbone: download torchvision's ResNet checkpoint on a machine with network access
+(resnet50-0676ba61.pth or resnet101-63fe2227.pth, the V1 weights DETR used) and pass its local path,
+  python launch.py --config=configs/detr.py:coco_r50 --config.data_dir=/data/tfds \
+      --config.init.torch_checkpoint=/data/resnet50-0676ba61.pth
+which converts it (`cvjax.convert.from_torch_state_dict`, frozen BN) into the backbone (`init.mapping`). Without
+it these presets train the backbone from its random initialisation, far from the paper's results.
 """
 
 from cvjax.train.config import base_config, select_preset, tiny_run
@@ -100,6 +102,10 @@ def tiny(c):
 
 def _coco(c, model: str, dilation: bool = False):
   steps_per_epoch = COCO_TRAIN_IMAGES // 64
+  # The paper's ImageNet backbone: torchvision's checkpoint, given with --config.init.torch_checkpoint=<.pth>.
+  c.init.torch_model = model.replace("detr_", "")
+  c.init.torch_model_kwargs = (("frozen_bn", True),)
+  c.init.mapping = (("backbone", ""),)
   c.dataset.name = "coco"
   c.dataset.task = "detection"
   c.dataset.max_boxes = 100

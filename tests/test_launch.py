@@ -1,5 +1,6 @@
 """The launcher's code path: every config's tiny preset, eval mode, and the errors a user meets first."""
 
+import importlib.util
 import json
 import os
 from pathlib import Path
@@ -8,6 +9,7 @@ import pytest
 
 import launch
 from cvjax.train import trainer
+from cvjax.train.initialization import load_config_file
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted(str(p.relative_to(REPO)) for p in (REPO / "configs").rglob("*.py")
@@ -95,3 +97,15 @@ def test_missing_real_dataset_says_how_to_prepare(load_config, tmp_path):
   with pytest.raises(Exception, match=r"imagenet2012.*(prepare|build)") as info:
     create_pipeline(config, "validation", train=False)
   assert str(tmp_path) in str(info.value)
+
+
+@pytest.mark.parametrize("config_path", CONFIGS)
+def test_every_preset_builds(config_path):
+  """Presets that CI never trains (ImageNet, COCO) still build: a misspelt key in a locked config is an error."""
+  spec = importlib.util.spec_from_file_location("_presets", REPO / config_path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  assert "default" in module.PRESETS and "tiny" in module.PRESETS
+  for preset in module.PRESETS:
+    config = load_config_file(f"{REPO / config_path}:{preset}")
+    assert config.preset == preset and config.total_steps > 0 and config.batch_size > 0, preset

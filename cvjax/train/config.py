@@ -69,11 +69,15 @@ def base_config() -> ml_collections.ConfigDict:
   c.explain.head_fusion = "mean"         # attention rollout: heads fused per layer by mean | max | min
   c.explain.discard_ratio = 0.0          # attention rollout: fraction of each layer's weakest weights zeroed
 
-  # Start a fresh run from another run's weights (see cvjax/train/initialization.py): a config trained first
-  # in <workdir>/pretrain, or an existing workdir; `mapping` = ((destination, source) path prefixes, ...).
+  # Start a fresh run from pretrained weights (see cvjax/train/initialization.py): a config trained first in
+  # <workdir>/pretrain, an existing workdir, or a PyTorch checkpoint file converted by
+  # cvjax.convert.from_torch_state_dict(torch_model, ...); `mapping` = ((destination, source) prefixes, ...).
   c.init = ml_collections.ConfigDict()
   c.init.pretrain_config = ""
   c.init.checkpoint_dir = ""
+  c.init.torch_checkpoint = ""           # e.g. torchvision's resnet50-0676ba61.pth, read locally
+  c.init.torch_model = ""                # its cvjax model name, e.g. 'resnet50' ('detr_resnet50': official DETR)
+  c.init.torch_model_kwargs = ()         # ((keyword, value), ...) for the converter, e.g. (('frozen_bn', True),)
   c.init.mapping = ()
 
   c.mesh = ml_collections.ConfigDict()

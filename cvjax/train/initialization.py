@@ -5,6 +5,10 @@ Config keys (``config.init``, see ``cvjax.train.config.base_config``):
     ``<workdir>/pretrain`` (resumable like any run; skipped once finished), whose final weights initialise
     this run. Its ``data_dir`` is this run's.
   checkpoint_dir: or an existing workdir whose latest checkpoint initialises this run.
+  torch_checkpoint, torch_model, torch_model_kwargs: or a PyTorch checkpoint file (a state_dict, or a dict
+    holding one under 'model' / 'state_dict'), converted by
+    ``cvjax.convert.from_torch_state_dict(torch_model, state_dict, **dict(torch_model_kwargs))``: torchvision
+    classifiers (an ImageNet ResNet-50 for DETR's backbone) or the official DETR checkpoints. Needs torch.
   mapping: ``((destination, source), ...)`` '/'-joined variable-path prefixes: each source subtree of the
     pretrained ``params`` and ``batch_stats`` replaces the destination subtree of this run's, e.g.
     ``(('backbone', ''),)`` puts a whole classifier's weights (its head dropped) into DETR's ``backbone``.
@@ -64,10 +68,36 @@ def _pretrain(config: ml_collections.ConfigDict, workdir: str) -> Tuple[str, ml_
   return pre_workdir, pre_config
 
 
+def _torch_checkpoint_variables(init: ml_collections.ConfigDict) -> Dict[str, Any]:
+  """``init.torch_checkpoint`` read with torch and converted to ``{'params', 'batch_stats'}``."""
+  from cvjax.convert import from_torch_state_dict  # deferred: the converters are not needed otherwise
+
+  path = init.torch_checkpoint
+  if not init.torch_model:
+    raise ValueError(f"config.init.torch_checkpoint={path!r} needs config.init.torch_model: the cvjax model "
+                     "its weights fit, e.g. 'resnet50' for torchvision's ResNet-50")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"config.init.torch_checkpoint={path!r} does not exist; nothing is downloaded: "
+                            "fetch the .pth file on a machine with network access and give its local path")
+  try:
+    import torch  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    raise ImportError("config.init.torch_checkpoint needs PyTorch to read the file: pip install torch==2.13.0 "
+                      "(the CPU build is enough)") from None
+  state_dict = torch.load(path, map_location="cpu", weights_only=True)
+  for wrapper in ("model", "state_dict"):  # training scripts' checkpoints (DETR's: {'model': ..., ...})
+    if isinstance(state_dict, dict) and isinstance(state_dict.get(wrapper), dict):
+      state_dict = state_dict[wrapper]
+  _, variables = from_torch_state_dict(init.torch_model, state_dict, **dict(init.torch_model_kwargs))
+  return {"params": variables.get("params", {}), "batch_stats": variables.get("batch_stats", {})}
+
+
 def pretrained_variables(config: ml_collections.ConfigDict, workdir: str) -> Tuple[Dict[str, Any], str]:
   """The ``{'params', 'batch_stats'}`` that initialise this run, and where they came from."""
   from cvjax.train import trainer
 
+  if config.init.torch_checkpoint:
+    return _torch_checkpoint_variables(config.init), config.init.torch_checkpoint
   if config.init.pretrain_config:
     source_dir, source_config = _pretrain(config, workdir)
   else:

@@ -137,13 +137,18 @@ class Experiment:
     step = self.checkpointer.latest_step()
     if step is None:
       state = self._init(self.rng)
-      if self.config.init.pretrain_config or self.config.init.checkpoint_dir:
+      init = self.config.init
+      if init.pretrain_config or init.checkpoint_dir or init.torch_checkpoint:
         pretrained, source = initialization.pretrained_variables(self.config, self.workdir)
         variables = initialization.graft({"params": state.params, "batch_stats": state.batch_stats},
-                                         pretrained, self.config.init.mapping)
+                                         pretrained, init.mapping)
         state = state.replace(params=variables["params"], batch_stats=variables["batch_stats"])
         if jax.process_index() == 0:
-          print(f"initialised {dict(self.config.init.mapping)} from {source}", flush=True)
+          print(f"initialised {dict(init.mapping)} from {source}", flush=True)
+      elif init.mapping and jax.process_index() == 0:
+        # A preset that expects pretrained weights (DETR's COCO presets: an ImageNet backbone) got none.
+        logging.warning("config.init.mapping is set but no init.pretrain_config, checkpoint_dir or "
+                        "torch_checkpoint: %s start from their random initialisation", dict(init.mapping))
       return state, None
     logging.info("resuming from step %d (%s)", step, self.checkpointer.directory)
     if jax.process_index() == 0:
