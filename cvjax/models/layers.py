@@ -1,4 +1,4 @@
-"""Building blocks shared by the convolutional models: a fast ``Conv``, batch norm variants and pooling.
+"""Building blocks shared by the models: a fast ``Conv``, batch norm variants, pooling and stochastic depth.
 
 Everything here is NHWC. Padding follows PyTorch where the models need it (explicit symmetric pads), so that
 torchvision / HF weights load without a shift of the sampling grid.
@@ -268,3 +268,17 @@ def torchvision_classifier(x: jnp.ndarray, *, hidden: int, num_classes: int, dro
     if not dropout_first:
       x = nn.Dropout(dropout_rate, deterministic=not train)(x)
   return nn.Dense(num_classes, dtype=dtype, kernel_init=dense_init, name="classifier_6")(x)
+
+
+class DropPath(nn.Module):
+  """Stochastic depth: zeroes a whole sample's residual branch with probability ``rate`` (rng ``'dropout'``)
+  and scales the kept ones by ``1 / (1 - rate)``."""
+  rate: float
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray, *, deterministic: bool) -> jnp.ndarray:
+    if deterministic or self.rate == 0.0:
+      return x
+    keep_prob = 1.0 - self.rate
+    keep = jax.random.bernoulli(self.make_rng("dropout"), keep_prob, (x.shape[0],) + (1,) * (x.ndim - 1))
+    return jnp.where(keep, x / keep_prob, 0.0).astype(x.dtype)

@@ -35,6 +35,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from cvjax.models.layers import DropPath
 from cvjax.models.registry import MODELS
 from cvjax.ops.window_attention import (crop_window_padding, effective_window_and_shift, pad_to_window_multiple,
                                         relative_position_index, shifted_window_mask, window_attention,
@@ -66,20 +67,6 @@ def relative_position_bias(table: jnp.ndarray, table_window: int, window: int) -
     table = table.reshape(span, span, heads)[start:start + 2 * window - 1, start:start + 2 * window - 1]
     table = table.reshape(-1, heads)
   return table[relative_position_index(window)].transpose(2, 0, 1)
-
-
-class DropPath(nn.Module):
-  """Stochastic depth: zeroes a whole sample's residual branch with probability ``rate`` (rng ``'dropout'``)
-  and scales the kept ones by ``1 / (1 - rate)``."""
-  rate: float
-
-  @nn.compact
-  def __call__(self, x: jnp.ndarray, *, deterministic: bool) -> jnp.ndarray:
-    if deterministic or self.rate == 0.0:
-      return x
-    keep_prob = 1.0 - self.rate
-    keep = jax.random.bernoulli(self.make_rng("dropout"), keep_prob, (x.shape[0],) + (1,) * (x.ndim - 1))
-    return jnp.where(keep, x / keep_prob, 0.0).astype(x.dtype)
 
 
 class WindowAttention(nn.Module):

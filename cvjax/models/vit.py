@@ -20,6 +20,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
+from cvjax.models.layers import DropPath
 from cvjax.models.registry import MODELS
 
 IntPair = Union[int, Tuple[int, int]]
@@ -112,11 +113,12 @@ class MLP(nn.Module):
 
 
 class EncoderBlock(nn.Module):
-  """Pre-norm block: ``x + drop(MHSA(LN(x)))``, then ``x + drop(fc2(gelu(fc1(LN(x)))))``."""
+  """Pre-norm block: ``x + DropPath(drop(MHSA(LN(x))))``, then ``x + DropPath(drop(fc2(gelu(fc1(LN(x))))))``."""
   num_heads: int
   mlp_dim: int
   dropout_rate: float = 0.0
   attention_dropout_rate: float = 0.0
+  drop_path_rate: float = 0.0
   layer_norm_eps: float = 1e-6
   qkv_bias: bool = True
   dtype: Any = jnp.float32
@@ -126,11 +128,12 @@ class EncoderBlock(nn.Module):
     """``[B, N, D]`` -> (``[B, N, D]``, attention probabilities ``[B, heads, N, N]``)."""
     norm = functools.partial(nn.LayerNorm, epsilon=self.layer_norm_eps, dtype=self.dtype)
     dropout = functools.partial(nn.Dropout(self.dropout_rate), deterministic=not train)
+    drop_path = functools.partial(DropPath(self.drop_path_rate), deterministic=not train)
     y, probs = SelfAttention(self.num_heads, self.attention_dropout_rate, self.qkv_bias, self.dtype,
                              name="attention")(norm(name="layernorm_before")(x), train=train)
-    x = x + dropout(y)
+    x = x + drop_path(dropout(y))
     y = MLP(self.mlp_dim, self.dtype, name="mlp")(norm(name="layernorm_after")(x))
-    return x + dropout(y), probs
+    return x + drop_path(dropout(y)), probs
 
 
 class ViT(nn.Module):
@@ -144,6 +147,8 @@ class ViT(nn.Module):
     num_classes: classes of the ``classifier`` head; ``0`` returns the pooled ``[B, hidden_size]`` features.
     dropout_rate: dropout after the embeddings, the attention output and the MLP (HF ``hidden_dropout_prob``).
     attention_dropout_rate: dropout on the attention probabilities.
+    drop_path_rate: stochastic depth rate of the last block; block ``i`` of ``depth`` drops its residual
+      branches with ``rate * i / (depth - 1)`` (DeiT's linear rule; train only, rng ``'dropout'``).
     layer_norm_eps: LayerNorm epsilon (1e-6 as the paper's code; HF configs default to 1e-12).
     pool: ``'cls'`` (class token, as the paper and HF) or ``'gap'`` (no class token; mean of the patch tokens
       after the final LayerNorm).
@@ -159,6 +164,7 @@ class ViT(nn.Module):
   num_classes: int = 1000
   dropout_rate: float = 0.0
   attention_dropout_rate: float = 0.0
+  drop_path_rate: float = 0.0
   layer_norm_eps: float = 1e-6
   pool: str = "cls"
   qkv_bias: bool = True
@@ -207,7 +213,8 @@ class ViT(nn.Module):
     attentions = []
     for i in range(self.depth):
       x, probs = EncoderBlock(self.num_heads, self.mlp_dim, self.dropout_rate, self.attention_dropout_rate,
-                              self.layer_norm_eps, self.qkv_bias, self.dtype, name=f"layers_{i}")(x, train=train)
+                              self.drop_path_rate * i / max(self.depth - 1, 1), self.layer_norm_eps,
+                              self.qkv_bias, self.dtype, name=f"layers_{i}")(x, train=train)
       attentions.append(probs)
     x = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, name="layernorm")(x)
     x = x[:, 0] if self.pool == "cls" else jnp.mean(x, axis=1)

@@ -116,6 +116,23 @@ def test_dropout_only_in_train():
   assert not np.allclose(train_logits[0], eval_logits[0])
 
 
+def test_drop_path_is_random_in_train_only_and_spares_the_first_block():
+  variables = _randomised(_init(tiny_vit()))
+  eval_logits = tiny_vit().apply(variables, IMAGES, train=False)
+  # DeiT's linear rule: block i of depth drops with rate * i / (depth - 1); the first block never does, so a
+  # one-block model trains as it evaluates.
+  one_block = _randomised(_init(tiny_vit(depth=1)))
+  np.testing.assert_allclose(
+      tiny_vit(depth=1, drop_path_rate=0.9).apply(one_block, IMAGES, train=True,
+                                                   rngs={"dropout": jax.random.key(0)}),
+      tiny_vit(depth=1).apply(one_block, IMAGES, train=False), rtol=1e-5, atol=1e-6)
+  # With two blocks the second one's branches (rate 0.5) are dropped or kept per sample, by the rng.
+  model = tiny_vit(drop_path_rate=0.5)
+  train = [model.apply(variables, IMAGES, train=True, rngs={"dropout": jax.random.key(s)}) for s in range(8)]
+  assert any(not np.allclose(t, train[0]) for t in train[1:])
+  np.testing.assert_array_equal(model.apply(variables, IMAGES, train=False), eval_logits)
+
+
 def test_bfloat16_compute_returns_float32_logits_close_to_float32():
   variables = _randomised(_init(tiny_vit()))
   reference = tiny_vit().apply(variables, IMAGES, train=False)
