@@ -19,6 +19,7 @@ import torch
 from transformers import DetrConfig, DetrForObjectDetection, ResNetConfig
 
 from cvjax.convert import from_torch_state_dict
+from detr_reference import padded_batch, randomised_hf_detr
 
 TOLERANCE = dict(rtol=1e-4, atol=1e-4)
 HEADS = 4  # not in any state_dict: passed to the converter
@@ -27,26 +28,11 @@ R18_LIKE = ResNetConfig(embedding_size=8, hidden_sizes=[8, 16, 16, 24], depths=[
 
 
 def _hf_model(backbone=R18_LIKE, seed=0, **overrides):
-  """A small HF DETR whose every float tensor is redrawn (HF's init leaves biases at 0 and BN statistics at
-  the identity, under which a misplaced bias or norm would go unseen), at scales that keep activations O(1)."""
+  """A small randomised HF DETR (detr_reference.randomised_hf_detr)."""
   kwargs = dict(use_timm_backbone=False, use_pretrained_backbone=False, backbone_config=backbone, d_model=32,
                 encoder_layers=2, decoder_layers=3, encoder_attention_heads=HEADS, decoder_attention_heads=HEADS,
                 encoder_ffn_dim=64, decoder_ffn_dim=64, num_queries=10, num_labels=5)
-  torch.manual_seed(seed)
-  model = DetrForObjectDetection(DetrConfig(**{**kwargs, **overrides})).eval()
-  generator = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for name, tensor in model.state_dict().items():
-      noise = torch.randn(tensor.shape, generator=generator)
-      if name.endswith("running_var"):
-        tensor.copy_(torch.rand(tensor.shape, generator=generator) + 0.5)
-      elif tensor.ndim >= 2 and "embeddings" not in name:  # conv / linear weights: fan-in scaling
-        tensor.copy_(noise / np.sqrt(tensor[0].numel()))
-      elif name.endswith("weight") and "embeddings" not in name:  # norm scales
-        tensor.copy_(1 + 0.2 * noise)
-      else:  # biases, running means, query embeddings
-        tensor.copy_(0.2 * noise if tensor.ndim == 1 else noise)
-  return model
+  return randomised_hf_detr(DetrConfig(**{**kwargs, **overrides}), seed)
 
 
 def _backbone_key(match):
@@ -101,17 +87,8 @@ def official_state_dict(hf_model):
   return official
 
 
-def _inputs(seed=0):
-  """Two 64x96 images; the second is real only on its top-left 30x50 (a padded batch)."""
-  images = np.random.default_rng(seed).standard_normal((2, 3, 64, 96), dtype=np.float32)
-  mask = np.ones((2, 64, 96), np.int64)
-  mask[1, 30:] = 0
-  mask[1, :, 50:] = 0
-  return images, mask
-
-
 def _check_parity(hf_model, module, variables):
-  images, mask = _inputs()
+  images, mask = padded_batch()
   with torch.no_grad():
     expected = hf_model(torch.from_numpy(images), pixel_mask=torch.from_numpy(mask))
   got = jax.jit(functools.partial(module.apply, train=False))(variables, images.transpose(0, 2, 3, 1),

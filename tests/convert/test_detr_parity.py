@@ -11,6 +11,7 @@ from transformers import DetrConfig, DetrForObjectDetection, ResNetConfig
 
 from cvjax.convert import from_transformers
 from cvjax.models import create_model
+from detr_reference import padded_batch, randomised_hf_detr
 
 TOLERANCE = dict(rtol=1e-4, atol=1e-4)
 
@@ -22,37 +23,6 @@ def _config(**overrides):
                 encoder_layers=2, decoder_layers=3, encoder_attention_heads=4, decoder_attention_heads=4,
                 encoder_ffn_dim=64, decoder_ffn_dim=64, num_queries=10, num_labels=5)
   return DetrConfig(**{**kwargs, **overrides})
-
-
-def _randomised_model(config, seed=0):
-  """HF's init leaves biases at zero, BN statistics at identity and weights at std 0.02, under which a
-  misplaced bias or norm could hide; every float tensor is redrawn at a scale that keeps activations O(1)."""
-  torch.manual_seed(seed)
-  model = DetrForObjectDetection(config).eval()
-  generator = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for name, tensor in model.state_dict().items():
-      if not tensor.is_floating_point():
-        continue
-      noise = torch.randn(tensor.shape, generator=generator)
-      if name.endswith("running_var"):
-        tensor.copy_(torch.rand(tensor.shape, generator=generator) + 0.5)
-      elif tensor.ndim >= 2 and "embeddings" not in name:  # conv / linear weights: fan-in scaling
-        tensor.copy_(noise / np.sqrt(tensor[0].numel()))
-      elif name.endswith("weight") and "embeddings" not in name:  # norm scales
-        tensor.copy_(1 + 0.2 * noise)
-      else:  # biases, running means, query embeddings
-        tensor.copy_(0.2 * noise if tensor.ndim == 1 else noise)
-  return model
-
-
-def _inputs(seed=0):
-  """Two 64x96 images; the second is real only on its top-left 30x50 (its C5 mask is [[1, 1, 0], [0, 0, 0]])."""
-  images = np.random.default_rng(seed).standard_normal((2, 3, 64, 96), dtype=np.float32)
-  mask = np.ones((2, 64, 96), np.int64)
-  mask[1, 30:] = 0
-  mask[1, :, 50:] = 0
-  return images, mask
 
 
 def _hf_predictions(model, images, mask):
@@ -73,11 +43,11 @@ def _cvjax_predictions(module, variables, images, mask):
 
 @pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
 def test_detr_matches_hf_on_a_padded_batch(attn_implementation):
-  model = _randomised_model(_config())
+  model = randomised_hf_detr(_config())
   # Set after construction: at construction HF would also ask the ResNet backbone for it, which has none.
   model.config._attn_implementation = attn_implementation
   assert model.model.encoder.layers[0].self_attn.config._attn_implementation == attn_implementation
-  images, mask = _inputs()
+  images, mask = padded_batch()
   expected = _hf_predictions(model, images, mask)
   module, variables = from_transformers(model)
   got = _cvjax_predictions(module, variables, images, mask)
@@ -90,10 +60,10 @@ def test_detr_matches_hf_on_a_padded_batch(attn_implementation):
       np.testing.assert_allclose(got_aux[key], expected_aux[key], **TOLERANCE)
 
 
-def test_the_padding_mask_matters_in_the_parity_inputs():
+def test_the_padding_mask_matters_in_the_paritypadded_batch():
   # Guards the test above: were the mask ignored on either side, the padded image's outputs would change.
-  model = _randomised_model(_config())
-  images, mask = _inputs()
+  model = randomised_hf_detr(_config())
+  images, mask = padded_batch()
   masked = _hf_predictions(model, images, mask)["pred_logits"][1]
   unmasked = _hf_predictions(model, images, np.ones_like(mask))["pred_logits"][1]
   assert np.abs(masked - unmasked).max() > 1e-2
@@ -103,8 +73,8 @@ def test_bottleneck_backbone_and_variables_layout():
   backbone = ResNetConfig(embedding_size=8, hidden_sizes=[16, 32, 48, 64], depths=[1, 2, 1, 1],
                           layer_type="bottleneck", out_features=["stage4"])
   config = _config(backbone_config=backbone, decoder_layers=1)
-  model = _randomised_model(config, seed=1)
-  images, mask = _inputs(seed=1)
+  model = randomised_hf_detr(config, seed=1)
+  images, mask = padded_batch(seed=1)
   module, variables = from_transformers(model)
   # Frozen BN: statistics and affine only in batch_stats, so no optimizer can touch them.
   assert "bn1" not in variables["params"]["backbone"] and "bn1" in variables["batch_stats"]["backbone"]
