@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 
 from absl import app, flags, logging
@@ -42,7 +41,7 @@ def run(config, workdir: str, mode: str):
 
     return run_ablation(config, workdir, mode)
   if mode == "explain":
-    from cvjax.viz.explain import explain_latest  # attention PNGs of the latest checkpoint
+    from cvjax.train.explain import explain_latest  # attention PNGs of the latest checkpoint
 
     return explain_latest(config, workdir)
   if mode == "train":

@@ -30,7 +30,7 @@ import torch
 from transformers import ResNetConfig, ResNetForImageClassification
 
 from cvjax.convert import from_transformers
-from cvjax.models import resnet
+from cvjax.models.backbones import resnet
 
 LEARNING_RATE, MOMENTUM = 0.1, 0.9
 

@@ -15,6 +15,7 @@ class Registry:
   """A name -> factory mapping filled by the ``register`` decorator."""
 
   def __init__(self, kind: str):
+    """``kind`` names the entries in messages ('model', 'task', 'dataset')."""
     self.kind = kind
     self._entries: Dict[str, Callable] = {}
 
@@ -30,6 +31,7 @@ class Registry:
     return decorator
 
   def get(self, name: str) -> Callable:
+    """The factory registered as ``name``; ``KeyError`` listing the valid names otherwise."""
     try:
       return self._entries[name]
     except KeyError:
@@ -37,6 +39,7 @@ class Registry:
       raise KeyError(f"unknown {self.kind} {name!r}; valid {self.kind} names: {valid}") from None
 
   def names(self) -> list[str]:
+    """The registered names, sorted."""
     return sorted(self._entries)
 
   def __contains__(self, name: str) -> bool:

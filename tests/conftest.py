@@ -1,15 +1,31 @@
 """Shared fixtures: the repository root, a session-wide TFDS data_dir, config loading, launcher calls."""
 
 import importlib.util
+import io
+import json
 import os
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
+from torchvision_cpu import import_torchvision
+
+# Before any test module imports transformers, which imports torchvision whenever it is installed.
+TORCHVISION = import_torchvision()
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def torchvision():
+  """The torchvision module (the reference for ops and models); skips the test where it cannot be imported."""
+  if TORCHVISION is None:
+    pytest.skip("torchvision is not importable here: pip install torchvision==0.28.0 (the [test] extra)")
+  return TORCHVISION
 
 
 @pytest.fixture(scope="session")
@@ -52,10 +68,11 @@ def free_port() -> int:
 def launch_cli():
   """Runs ``python launch.py ARGS`` from the repo root in a fresh process (own XLA flags, own devices)."""
 
-  def run(args, devices: int = 1, env=None, timeout: float = 300, wait: bool = True):
+  def run(args, devices: int = 1, env=None, timeout: float = 300, wait: bool = True, program=None):
+    """``program``: a script run instead of launch.py with the same arguments (a test harness around it)."""
     full_env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1",
                     XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", **(env or {}))
-    cmd = [sys.executable, str(REPO / "launch.py"), *args]
+    cmd = [sys.executable, str(REPO / (program or "launch.py")), *args]
     if not wait:
       return subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True)
@@ -63,3 +80,41 @@ def launch_cli():
 
   run.free_port = free_port
   return run
+
+
+def _encode(array: np.ndarray, file_format: str) -> bytes:
+  buffer = io.BytesIO()
+  Image.fromarray(array).save(buffer, format=file_format)
+  return buffer.getvalue()
+
+
+def _write_coco_folder(root, split: str, images: list, annotations: list, categories: list) -> str:
+  """Writes `<root>/<split>/<file>` and `<root>/annotations/instances_<split>.json`; returns str(root).
+
+  `images` holds (image_id, file_name, content): content is a uint8 [H, W, 3] array (saved as PNG or JPEG by
+  the file"s extension, with its size in the json) or raw bytes (e.g. a corrupt file; no size in the json).
+  `annotations` holds dicts with at least image_id, category_id and bbox; ids are filled in.
+  """
+  images_dir = os.path.join(root, split)
+  os.makedirs(images_dir, exist_ok=True)
+  os.makedirs(os.path.join(root, "annotations"), exist_ok=True)
+  entries = []
+  for image_id, file_name, content in images:
+    entry = {"id": image_id, "file_name": file_name}
+    if isinstance(content, np.ndarray):
+      entry.update(height=content.shape[0], width=content.shape[1])
+      content = _encode(content, "JPEG" if file_name.endswith(".jpg") else "PNG")
+    with open(os.path.join(images_dir, file_name), "wb") as f:
+      f.write(content)
+    entries.append(entry)
+  instances = {"images": entries, "categories": categories,
+               "annotations": [{"id": n + 1, **a} for n, a in enumerate(annotations)]}
+  with open(os.path.join(root, "annotations", f"instances_{split}.json"), "w") as f:
+    json.dump(instances, f)
+  return str(root)
+
+
+@pytest.fixture(scope="session")
+def write_coco_folder():
+  """`write_coco_folder(root, split, images, annotations, categories)`: a small COCO-format folder on disk."""
+  return _write_coco_folder

@@ -1,4 +1,4 @@
-"""PyTorch DETR checkpoints -> ``cvjax.models.detr.DETR``, from two layouts.
+"""PyTorch DETR checkpoints -> ``cvjax.models.detection.detr.DETR``, from two layouts.
 
 * HF ``DetrForObjectDetection`` with the HF ResNet backbone: ``from_transformers(hf_model)``.
 * The official facebookresearch/detr layout (``torch.hub.load('facebookresearch/detr', 'detr_resnet50')``,
@@ -19,7 +19,7 @@ from cvjax.convert import common
 from cvjax.convert.huggingface import _hf_resnet_module_name, register_hf_converter
 from cvjax.convert.torchvision import torchvision_module_name
 from cvjax.models import MODELS, create_model
-from cvjax.models.detr import DETR
+from cvjax.models.detection.detr import DETR
 
 # Top-level DETR submodules that live under HF's ``model.`` (the heads sit at the root).
 _UNDER_MODEL = ("backbone", "input_projection", "query_position_embeddings", "encoder", "decoder")

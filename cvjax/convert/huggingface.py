@@ -11,7 +11,7 @@ import re
 from typing import Any, Callable, Dict, Tuple
 
 from cvjax.convert import common
-from cvjax.models.resnet import ResNet
+from cvjax.models.backbones.resnet import ResNet
 
 HF_CONVERTERS: Dict[str, Callable[[Any], Tuple[Any, Dict]]] = {}
 
@@ -60,7 +60,7 @@ def _hf_resnet_module_name(flax_path: Tuple[str, ...], prefix: str) -> str:
 
 @register_hf_converter("ResNetForImageClassification", "ResNetModel")
 def resnet_from_transformers(hf_model: Any) -> Tuple[ResNet, Dict]:
-  """HF ResNet (microsoft/resnet-*) -> ``cvjax.models.resnet.ResNet``.
+  """HF ResNet (microsoft/resnet-*) -> ``cvjax.models.backbones.resnet.ResNet``.
 
   HF's ResNet is torchvision's with configurable widths: ``embedding_size`` (stem), ``hidden_sizes`` (stage
   outputs; a bottleneck's inner width is a quarter), ``depths``, ``layer_type``,

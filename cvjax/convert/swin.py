@@ -1,4 +1,4 @@
-"""HF ``SwinForImageClassification`` / ``SwinModel`` (microsoft/swin-*) -> ``cvjax.models.swin.Swin``.
+"""HF ``SwinForImageClassification`` / ``SwinModel`` (microsoft/swin-*) -> ``cvjax.models.backbones.swin.Swin``.
 
 The layout is the installed transformers' (``swin.encoder.layers.N.blocks.M.attention.q_proj``,
 ``...attention.relative_position_bias.relative_position_bias_table``); nothing is downloaded and torch is not
@@ -15,7 +15,7 @@ from absl import logging
 
 from cvjax.convert import common
 from cvjax.convert.huggingface import register_hf_converter
-from cvjax.models.swin import Swin
+from cvjax.models.backbones.swin import Swin
 
 _TABLE = "relative_position_bias_table"
 # cvjax top-level module -> HF module under the ``swin.`` prefix (the classifier sits outside it).

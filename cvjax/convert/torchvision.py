@@ -13,9 +13,9 @@ import numpy as np
 
 from cvjax.convert import common
 from cvjax.models import create_model
-from cvjax.models.alexnet import AlexNet
-from cvjax.models.resnet import ResNet
-from cvjax.models.vgg import VGG
+from cvjax.models.backbones.alexnet import AlexNet
+from cvjax.models.backbones.resnet import ResNet
+from cvjax.models.backbones.vgg import VGG
 
 # The Linear that reads the flattened pooled map, per architecture.
 _FLATTENED_LINEAR = {VGG: "classifier_0", AlexNet: "classifier_1"}

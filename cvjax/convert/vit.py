@@ -1,4 +1,4 @@
-"""HF ``ViTForImageClassification`` (google/vit-*, facebook/deit-*) -> ``cvjax.models.vit.ViT``.
+"""HF ``ViTForImageClassification`` (google/vit-*, facebook/deit-*) -> ``cvjax.models.backbones.vit.ViT``.
 
 The layout is the installed transformers' (``vit.layers.N.attention.q_proj``); nothing is downloaded and
 torch is not imported here.
@@ -9,11 +9,10 @@ from __future__ import annotations
 import re
 from typing import Any, Dict, Tuple
 
-import jax
 
 from cvjax.convert import common
 from cvjax.convert.huggingface import register_hf_converter
-from cvjax.models.vit import ViT
+from cvjax.models.backbones.vit import ViT
 
 # Leaves that are bare ``nn.Parameter`` tensors in HF (no module, no layout change).
 _EMBEDDING_LEAVES = {"cls_token": "vit.embeddings.cls_token",

@@ -4,8 +4,8 @@ Jitted steps recompile for every new input shape, and padding every image to the
 wastes most of the compute (Scenic's DETR pads all of COCO to 1333 x 1333). Instead each batch is padded to
 the smallest of a few (height, width) buckets that holds all of its images: top-left placement, zeros
 elsewhere (zero is the mean colour after normalisation, as DETR pads) and `pixel_mask` True exactly on real
-pixels. Bucket sets are closed under the element-wise maximum so that processes which picked different
-buckets can agree on one of them (`cvjax.train.sharding.global_batch` pads to the element-wise maximum).
+pixels. Bucket sets are closed under the element-wise maximum, so the last (largest) bucket holds every image:
+it is the one shape of multi-process runs, whose processes never exchange batch shapes (`cvjax.data.pipeline`).
 """
 
 from __future__ import annotations

@@ -10,8 +10,9 @@ Each json image's `file_name` is relative to images_dir. Splits are whole files:
 The annotation file is read once when the source is built: labels are the json's category ids in sorted
 order mapped to 0..K-1 (`category_ids[label]` gives the original id back for results files; every split's
 json must list the same categories, as COCO's do, for labels to agree between splits), crowd
-annotations (`iscrowd=1`) are dropped as DETR drops them, and images without annotations are kept (they are
-evaluated with no ground truth). Boxes are COCO's absolute (x, y, width, height); `parse` reads the image
+annotations (`iscrowd=1`) are dropped from the training targets as DETR drops them, and images without
+annotations are kept. Evaluation reads the annotation file itself (`CocoFolder.ground_truth`): every
+annotation, crowds as ignore regions, not the targets cut to `max_boxes`. Boxes are COCO's absolute (x, y, width, height); `parse` reads the image
 file and normalises them by the file's own size (as DETR does; a json width/height that disagrees is logged).
 Image files are only checked for existence up front (one directory listing); whether they decode is found
 out when they are read, where the pipeline skips undecodable ones (`DatasetSource.skip_corrupt`).
@@ -53,6 +54,10 @@ class CocoFolder:
   records: CocoRecords
   class_names: tuple[str, ...]
   category_ids: tuple[int, ...]
+
+  def ground_truth(self) -> dict:
+    """The annotation file as a COCO-format dict (read again: only evaluation needs it, once per pass)."""
+    return _load_json(self.annotation_file)
 
 
 class CocoRecords:

@@ -14,12 +14,16 @@ record to the canonical form the pipeline consumes:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import glob
+import io
+import json
 import os
 from typing import Any, Callable, Sequence
 
 import numpy as np
 import tensorflow_datasets as tfds
+from PIL import Image
 
 from cvjax.data import coco_folder, shapes
 from cvjax.registry import Registry
@@ -45,7 +49,9 @@ class DatasetSource:
     max_boxes: default boxes per example (detection).
     category_ids: detection: the dataset's original category id of each label (COCO ids for results files);
       None when labels are the only ids.
-    annotation_file: detection: the COCO instances json of the split, when there is one.
+    ground_truth: detection: a zero-argument callable returning the split's annotations as a COCO-format dict
+      (every annotation, crowds included), for COCO evaluation by the official protocol; None for datasets
+      without annotation files (generated data), whose evaluation uses the boxes of the batches.
     skip_corrupt: skip undecodable images with a warning instead of failing (user folders; TFDS datasets
       were checked when prepared, so a bad record there is an error).
   """
@@ -62,7 +68,7 @@ class DatasetSource:
   eval_crop_fraction: float = 1.0
   max_boxes: int = 100
   category_ids: tuple[int, ...] | None = None
-  annotation_file: str | None = None
+  ground_truth: Callable[[], dict] | None = None
   skip_corrupt: bool = False
 
 
@@ -158,17 +164,62 @@ DATASETS.register('imagenet2012')(
     _tfds_classification('imagenet2012', image_size=224, eval_crop_fraction=0.875))
 
 
+def tfds_coco_ground_truth(records: Sequence[dict], class_names: Sequence[str],
+                           category_ids: Sequence[int]) -> dict:
+  """The COCO-format ground truth of TFDS `coco` records (images kept encoded): every object with its
+  `is_crowd` flag and `area`, boxes back in pixels of the image (whose size is read from its header).
+
+  TFDS stores boxes as float32 normalised (ymin, xmin, ymax, xmax), so they come back within ~1e-4 pixels of
+  the annotation file's; `dataset.annotation_file` gives the original json instead.
+  """
+  images, annotations = [], []
+  for record in (records[i] for i in range(len(records))):
+    with Image.open(io.BytesIO(record['image'])) as image:
+      width, height = image.size
+    image_id = int(record['image/id'])
+    images.append({'id': image_id, 'height': height, 'width': width})
+    objects = record['objects']
+    boxes = np.asarray(objects['bbox'], np.float64).reshape(-1, 4)
+    labels = np.asarray(objects['label'], np.int64).reshape(-1)
+    crowd = np.asarray(objects['is_crowd'], bool).reshape(-1)
+    area = np.asarray(objects['area'], np.float64).reshape(-1)
+    for (ymin, xmin, ymax, xmax), label, is_crowd, a in zip(boxes, labels, crowd, area):
+      annotations.append({'id': len(annotations) + 1, 'image_id': image_id,
+                          'category_id': int(category_ids[label]), 'iscrowd': int(is_crowd), 'area': float(a),
+                          'bbox': [xmin * width, ymin * height, (xmax - xmin) * width, (ymax - ymin) * height]})
+  categories = [{'id': int(c), 'name': n} for c, n in zip(category_ids, class_names)]
+  return {'images': images, 'annotations': annotations, 'categories': categories}
+
+
+def _annotation_file_ground_truth(path: str) -> Callable[[], dict]:
+  def load() -> dict:
+    with open(os.path.expanduser(path)) as f:
+      return json.load(f)
+  return load
+
+
 @DATASETS.register('coco')
 def _coco(dataset_config, data_dir: str, split: str) -> DatasetSource:
-  """COCO detection from TFDS `coco/<config_name>` (default '2017'); 80 contiguous labels, crowds dropped."""
+  """COCO detection from TFDS `coco/<config_name>` (default '2017'); 80 contiguous labels.
+
+  Training targets drop crowd regions (as DETR does); evaluation uses every annotation of the split, crowds as
+  ignore regions, from the TFDS records or from `dataset.annotation_file` (e.g. instances_val2017.json).
+  """
   name = f'coco/{_option(dataset_config, "config_name", "2017")}'
   _check_task(name, _option(dataset_config, 'task', 'detection'), ('detection',))
   builder = _prepared_builder(data_dir, name)
   class_names = tuple(builder.info.features['objects']['label'].names)
+  category_ids = COCO_CATEGORY_IDS if len(class_names) == 80 else tuple(range(1, len(class_names) + 1))
+  records = _data_source(builder, name, split)
+  annotation_file = _option(dataset_config, 'annotation_file', None)
+  if annotation_file and not os.path.isfile(os.path.expanduser(annotation_file)):
+    raise FileNotFoundError(f'config.dataset.annotation_file={annotation_file!r} does not exist')
+  ground_truth = (_annotation_file_ground_truth(annotation_file) if annotation_file
+                  else functools.partial(tfds_coco_ground_truth, records, class_names, category_ids))
   return DatasetSource(
-      name=name, split=split, task='detection', records=_data_source(builder, name, split),
+      name=name, split=split, task='detection', records=records,
       parse=lambda record: _detection_record(record, 'image/id', 'is_crowd'), class_names=class_names,
-      image_size=512, category_ids=COCO_CATEGORY_IDS if len(class_names) == 80 else None)
+      image_size=512, category_ids=category_ids if len(class_names) == 80 else None, ground_truth=ground_truth)
 
 
 @DATASETS.register('coco_folder')
@@ -180,7 +231,7 @@ def _coco_folder(dataset_config, data_dir: str, split: str) -> DatasetSource:
   return DatasetSource(
       name=f'coco_folder:{folder.annotation_file}', split=split, task='detection', records=folder.records,
       parse=coco_folder.parse, class_names=folder.class_names, image_size=512,
-      category_ids=folder.category_ids, annotation_file=folder.annotation_file, skip_corrupt=True)
+      category_ids=folder.category_ids, ground_truth=folder.ground_truth, skip_corrupt=True)
 
 
 @DATASETS.register('shapes')

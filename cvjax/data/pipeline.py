@@ -13,7 +13,8 @@ Batches are dicts of NumPy arrays with leading dim `config.batch_size // process
     pixels, else the box's; 0 where not valid), pixel_mask bool [b, H, W] (True on real pixels, which start
     top-left), image_id int32 [b] (-1 on padding rows), orig_size int32 [b, 2] (h, w), mask bool [b].
     (H, W) is S x S when letterboxing (no `scales`); with DETR multi-scale resizing it is the smallest of
-    `buckets` that holds every image of the batch (see `cvjax.data.batching`).
+    `buckets` that holds every image of the batch (see `cvjax.data.batching`), or with several processes
+    always the largest bucket (one shape per run: processes never exchange shapes).
 
 Folder datasets (`DatasetSource.skip_corrupt`) skip undecodable images with one warning per file: training
 streams filter them out (epochs are a little shorter; the resumable position counts examples read), and
@@ -127,7 +128,7 @@ class Pipeline:
   Attributes:
     options: the preprocessing options resolved from the config and the dataset's defaults.
     buckets: the (height, width) detection batches are padded to, smallest area first (S x S only when
-      letterboxing).
+      letterboxing; only the largest with several processes).
     per_process_batch_size: leading dim of every batch.
 
   Keys read from `config.dataset` (None or absent = the default):
@@ -174,6 +175,10 @@ class Pipeline:
         max_boxes=int(_option(dataset_config, 'max_boxes', source.max_boxes)),
         **_multiscale_options(dataset_config, source.task))
     self.buckets = _buckets(dataset_config, self.options)
+    if process_count > 1:
+      # One global array needs one shape on every process, and agreeing on a per-batch bucket would take a
+      # collective per step (which blocks asynchronous dispatch): several processes pad to the largest.
+      self.buckets = self.buckets[-1:]
     self._num_threads = int(_option(dataset_config, 'num_threads', 2))
     self._prefetch_batches = int(_option(dataset_config, 'prefetch', 4))
     self._dropped_boxes = 0
@@ -184,14 +189,17 @@ class Pipeline:
 
   @property
   def task(self) -> str:
+    """'classification' or 'detection': the form of the batches (module docstring)."""
     return self._source.task
 
   @property
   def class_names(self) -> tuple[str, ...]:
+    """The name of each label value, in label order."""
     return self._source.class_names
 
   @property
   def num_classes(self) -> int:
+    """How many label values there are (detection: object classes, no background)."""
     return len(self._source.class_names)
 
   @property
@@ -205,9 +213,10 @@ class Pipeline:
     return self._source.category_ids
 
   @property
-  def annotation_file(self) -> str | None:
-    """The split's COCO instances json when the dataset has one (COCO-format folders)."""
-    return self._source.annotation_file
+  def ground_truth(self):
+    """None, or a zero-argument callable returning the split's annotations as a COCO-format dict (datasets
+    with annotation files: COCO-format folders, TFDS coco), for COCO evaluation by the official protocol."""
+    return self._source.ground_truth
 
   @property
   def image_shape(self) -> tuple[int, int, int]:
@@ -344,9 +353,11 @@ class PipelineIterator:
     return next(self._iterator)
 
   def get_state(self) -> dict[str, Any]:
+    """The position: JSON-serialisable, with the pipeline's fingerprint so a mismatched restore is caught."""
     return {'pipeline': dict(self._fingerprint), 'grain': self._iterator.get_state()}
 
   def set_state(self, state: dict[str, Any]) -> None:
+    """Moves to a position from `get_state`; ValueError naming the differences if it is another pipeline's."""
     saved = state.get('pipeline', {}) if isinstance(state, dict) else {}
     mismatched = {key: (saved.get(key), value) for key, value in self._fingerprint.items()
                   if saved.get(key) != value}

@@ -20,6 +20,8 @@ class ClassificationEvaluator:
     self.k = None
 
   def update(self, outputs: Dict[str, np.ndarray], inputs=None) -> None:
+    """Adds one evaluation batch; rows with ``mask=False`` are padding. ``ValueError`` for labels outside
+    ``[0, num_classes)``."""
     del inputs  # the host batch; classification metrics need only the outputs
     mask = np.asarray(outputs["mask"], bool)
     labels = np.asarray(outputs["label"])[mask]

@@ -1,10 +1,13 @@
 """Host-side COCO detection metrics through pycocotools' COCOeval (never re-implemented here).
 
-The evaluator accumulates the per-image detections and ground truth of a whole validation pass (already
-gathered over processes by the train loop), builds an in-memory COCO ground-truth object from it and runs
-COCOeval (bbox): AP, AP50, AP75, APs/m/l and AR1/10/100 (APs/m/l and ARs/m/l use the ground truth's ``area``:
-the annotation's area when the dataset provides it, else the box area). Crowd regions are not part of the
-ground truth (the pipelines drop them), so detections on crowds count as false positives.
+The evaluator accumulates the per-image detections of a whole validation pass (already gathered over
+processes by the train loop) and runs COCOeval (bbox): AP, AP50, AP75, APs/m/l and AR1/10/100/s/m/l. The
+ground truth is, by the official protocol, the dataset's own annotations when it has them (a COCO annotation
+file, or TFDS ``coco``'s records): every annotation of each evaluated image, crowd regions as ``iscrowd=1``
+ignore regions, the annotation's ``area`` for the size ranges, the original image ids and sizes -- restricted
+to the images of this pass (all of the split, or the first ``eval_steps`` batches). Only for generated data
+without annotation files is it rebuilt from the evaluation batches' boxes (``gt_*`` outputs), which are then
+all there is.
 
 Category ids in the results JSON are the dataset's original ids when it has them (COCO), else ``label + 1``.
 """
@@ -15,60 +18,81 @@ import contextlib
 import io
 import json
 import os
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 COCO_STATS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+GroundTruth = Union[Dict[str, Any], Callable[[], Dict[str, Any]]]
 
 
 class DetectionEvaluator:
   """Accumulates ``update(outputs, inputs)`` over a split; ``result()`` runs COCOeval.
 
-  ``outputs`` (leading batch axis, see ``DetectionTask.eval_outputs``): ``scores [B, Q]``, ``labels [B, Q]``,
-  ``boxes [B, Q, 4]`` absolute xyxy in original-image pixels, ``gt_boxes [B, M, 4]`` (same convention),
-  ``gt_labels [B, M]``, ``gt_valid [B, M]``, ``gt_area [B, M]``, ``image_id [B]``, ``orig_size [B, 2]`` (h, w),
-  ``mask [B]``. ``inputs``: this process's host batch (``image``, ``pixel_mask``, ``image_id``), used only to
-  keep the first ``num_visualizations`` images for drawing.
+  ``outputs`` (leading batch axis, see ``cvjax.tasks.detection.DetectionTask.eval_outputs``): ``boxes
+  [B, D, 4]`` absolute xyxy in original-image pixels, ``scores [B, D]``, ``labels [B, D]`` (0-based), optional
+  ``valid [B, D]`` (all True if absent), ``image_id [B]``, ``orig_size [B, 2]`` (h, w), ``mask [B]``, and
+  without ``ground_truth`` also ``gt_boxes [B, M, 4]`` (same convention), ``gt_labels [B, M]``, ``gt_valid
+  [B, M]``, ``gt_area [B, M]``. ``inputs``: this process's host batch (``image``, ``pixel_mask``,
+  ``image_id``, ``mask``), used only to keep the first ``num_visualizations`` images for drawing.
+
+  Args:
+    class_names: one name per label.
+    category_ids: the dataset's category id of each label (results JSON and ground truth use them); default
+      ``label + 1``.
+    num_visualizations: images kept for ``write_files``' drawings.
+    ground_truth: the split's annotations as a COCO-format dict (``images`` with ``id``/``height``/``width``,
+      ``annotations`` with ``image_id``/``category_id``/``bbox``/``area``/``iscrowd``, ``categories``), or a
+      zero-argument callable returning it (built when ``result`` first needs it); None rebuilds it from the
+      ``gt_*`` outputs.
   """
 
   def __init__(self, class_names: Sequence[str], category_ids: Optional[Sequence[int]] = None,
-               num_visualizations: int = 4):
+               num_visualizations: int = 4, ground_truth: Optional[GroundTruth] = None):
     self.class_names = list(class_names)
     if category_ids is not None and len(category_ids) != len(self.class_names):
       raise ValueError(f"category_ids has {len(category_ids)} entries for {len(self.class_names)} classes")
     self.category_ids = (list(map(int, category_ids)) if category_ids is not None
                          else list(range(1, len(self.class_names) + 1)))
     self.num_visualizations = num_visualizations
+    self._ground_truth = ground_truth
     self._images: List[dict] = []
     self._annotations: List[dict] = []
     self._detections: List[dict] = []
-    self._seen = set()
+    self._seen: Dict[int, Tuple[int, int]] = {}  # image id -> original (height, width), in evaluation order
     self._drawable: Dict[int, np.ndarray] = {}  # image_id -> uint8 real region of the model input
 
   def update(self, outputs: Dict[str, np.ndarray], inputs: Optional[Dict[str, np.ndarray]] = None) -> None:
+    """Adds one evaluation batch (rows with ``mask=False`` are padding and ignored)."""
     outputs = {key: np.asarray(value) for key, value in outputs.items()}
+    valid = outputs.get("valid", np.ones(outputs["scores"].shape, bool))
     for b in np.flatnonzero(outputs["mask"]):
       image_id = int(outputs["image_id"][b])
       if image_id in self._seen:
         raise ValueError(f"image_id {image_id} appears twice in the evaluation split; ids must be unique")
-      self._seen.add(image_id)
-      height, width = (int(v) for v in outputs["orig_size"][b])
-      self._images.append({"id": image_id, "height": height, "width": width})
-      for box, label, area in zip(outputs["gt_boxes"][b][outputs["gt_valid"][b]],
-                                  outputs["gt_labels"][b][outputs["gt_valid"][b]],
-                                  outputs["gt_area"][b][outputs["gt_valid"][b]]):
-        # COCO annotation ids must be non-zero.
-        self._annotations.append({"id": len(self._annotations) + 1, "image_id": image_id,
-                                  "category_id": self.category_ids[int(label)], "bbox": _xywh(box),
-                                  "area": float(area), "iscrowd": 0})
-      for box, label, score in zip(outputs["boxes"][b], outputs["labels"][b], outputs["scores"][b]):
+      self._seen[image_id] = tuple(int(v) for v in outputs["orig_size"][b])
+      if self._ground_truth is None:
+        self._add_batch_ground_truth(outputs, b, image_id)
+      keep = valid[b]
+      for box, label, score in zip(outputs["boxes"][b][keep], outputs["labels"][b][keep],
+                                   outputs["scores"][b][keep]):
         self._detections.append({"image_id": image_id, "category_id": self.category_ids[int(label)],
                                  "bbox": _xywh(box), "score": float(score)})
     if inputs is not None and len(self._drawable) < self.num_visualizations:
-      self._keep_images(outputs, inputs)
+      self._keep_images(inputs)
 
-  def _keep_images(self, outputs, inputs) -> None:
+  def _add_batch_ground_truth(self, outputs: Dict[str, np.ndarray], b: int, image_id: int) -> None:
+    height, width = self._seen[image_id]
+    self._images.append({"id": image_id, "height": height, "width": width})
+    real = outputs["gt_valid"][b]
+    for box, label, area in zip(outputs["gt_boxes"][b][real], outputs["gt_labels"][b][real],
+                                outputs["gt_area"][b][real]):
+      # COCO annotation ids must be non-zero.
+      self._annotations.append({"id": len(self._annotations) + 1, "image_id": image_id,
+                                "category_id": self.category_ids[int(label)], "bbox": _xywh(box),
+                                "area": float(area), "iscrowd": 0})
+
+  def _keep_images(self, inputs) -> None:
     from cvjax.viz.image import unnormalize_image  # deferred: matplotlib is only needed for drawing
 
     for b in np.flatnonzero(np.asarray(inputs["mask"])):
@@ -79,37 +103,51 @@ class DetectionEvaluator:
       self._drawable[int(inputs["image_id"][b])] = unnormalize_image(np.asarray(inputs["image"][b])[:h, :w])
 
   def coco_ground_truth(self) -> dict:
-    """The accumulated ground truth as a COCO instances dict."""
+    """The ground truth COCOeval runs against, as a COCO instances dict: the dataset's annotations (all of
+    the split; ``result`` restricts COCOeval to the evaluated images) or the one rebuilt from the batches."""
+    if self._ground_truth is not None:
+      if callable(self._ground_truth):
+        self._ground_truth = self._ground_truth()
+      return self._ground_truth
     categories = [{"id": cid, "name": name} for cid, name in zip(self.category_ids, self.class_names)]
     return {"images": self._images, "annotations": self._annotations, "categories": categories}
 
   def result(self) -> Tuple[Dict[str, float], Dict]:
-    """``(scalars, details)``: the 12 COCO stats (-1 where undefined, e.g. no small objects) and per-class AP."""
+    """``(scalars, details)``: the 12 COCO stats (-1 where undefined, e.g. no small objects) and per-class AP.
+
+    Raises:
+      ValueError: an evaluated image id is not in the dataset's ground truth.
+    """
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
     scalars = {name: 0.0 for name in COCO_STATS}
-    scalars["num_images"] = len(self._images)
+    scalars["num_images"] = len(self._seen)
     details: Dict = {"per_class_AP": {}}
-    if not self._images or not self._detections:
+    if not self._seen or not self._detections:
       return scalars, details
     summary = io.StringIO()
     with contextlib.redirect_stdout(summary):  # pycocotools prints its progress and table
       ground_truth = COCO()
       ground_truth.dataset = self.coco_ground_truth()
       ground_truth.createIndex()
+      unknown = [i for i in self._seen if i not in ground_truth.imgs]
+      if unknown:
+        raise ValueError(f"evaluated image ids {unknown[:5]} are not in the dataset's ground truth")
       # loadRes mutates its input (adds ids/areas): hand it copies.
       detections = ground_truth.loadRes([dict(d) for d in self._detections])
       coco_eval = COCOeval(ground_truth, detections, "bbox")
+      coco_eval.params.imgIds = sorted(self._seen)
       coco_eval.evaluate()
       coco_eval.accumulate()
       coco_eval.summarize()
     scalars.update({name: float(value) for name, value in zip(COCO_STATS, coco_eval.stats)})
     # precision [IoU thresholds, recall points, categories, area ranges, max dets]; -1 = no ground truth.
     precision = coco_eval.eval["precision"][:, :, :, 0, -1]
+    names = dict(zip(self.category_ids, self.class_names))
     for k, cid in enumerate(coco_eval.params.catIds):
       values = precision[:, :, k]
-      name = self.class_names[self.category_ids.index(cid)]
+      name = names.get(cid, str(cid))
       details["per_class_AP"][name] = float(values[values > -1].mean()) if (values > -1).any() else -1.0
     details["coco_summary"] = summary.getvalue().splitlines()[-12:]
     return scalars, details
@@ -124,25 +162,26 @@ class DetectionEvaluator:
       return paths
     from cvjax.viz.detection import draw_detections
 
-    sizes = {image["id"]: (image["height"], image["width"]) for image in self._images}
+    ground_truth = self.coco_ground_truth()
+    label_of = {cid: label for label, cid in enumerate(self.category_ids)}
     for image_id, image in self._drawable.items():
-      if image_id not in sizes:
+      if image_id not in self._seen:
         continue
-      height, width = sizes[image_id]
+      height, width = self._seen[image_id]
       # Boxes are in original pixels; the kept image is the model input's real region.
       scale = np.array([image.shape[1] / width, image.shape[0] / height] * 2)
       preds = [d for d in self._detections if d["image_id"] == image_id]
-      gts = [a for a in self._annotations if a["image_id"] == image_id]
+      gts = [a for a in ground_truth["annotations"]
+             if a["image_id"] == image_id and not a.get("iscrowd", 0) and a["category_id"] in label_of]
       path = os.path.join(directory, f"step_{step}_image_{image_id}.png")
-      names = dict(zip(self.category_ids, self.class_names))
       draw_detections(
           image,
           pred_boxes_xyxy=np.array([_xyxy(d["bbox"]) for d in preds]).reshape(-1, 4) * scale,
           pred_scores=np.array([d["score"] for d in preds]),
-          pred_labels=np.array([self.category_ids.index(d["category_id"]) for d in preds], int),
+          pred_labels=np.array([label_of[d["category_id"]] for d in preds], int),
           gt_boxes_xyxy=np.array([_xyxy(a["bbox"]) for a in gts]).reshape(-1, 4) * scale,
-          gt_labels=np.array([self.category_ids.index(a["category_id"]) for a in gts], int),
-          class_names=[names[c] for c in self.category_ids], path=path, score_threshold=score_threshold)
+          gt_labels=np.array([label_of[a["category_id"]] for a in gts], int),
+          class_names=self.class_names, path=path, score_threshold=score_threshold)
       paths.append(path)
     return paths
 

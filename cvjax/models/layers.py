@@ -31,6 +31,22 @@ IMPLS = ("auto", "xla", "patches")
 # threshold of 4, 16, 64, 256; above it XLA's kernels win and the KH*KW-times larger patches cost memory.
 PATCHES_MAX_OUTPUT_PIXELS = 16
 
+# torchvision's ResNet / VGG initialisation of convolutions: He-normal over fan_out (biases zero).
+conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+# PyTorch's default nn.Linear / nn.Conv2d weight init, kaiming_uniform(a=sqrt(5)): U(-1/sqrt(fan_in), +).
+torch_default_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+def torch_default_bias_init(fan_in: int) -> Callable:
+  """PyTorch's default nn.Linear / nn.Conv2d bias init, U(-1/sqrt(fan_in), 1/sqrt(fan_in)); ``fan_in`` is the
+  layer's input size (times the kernel area for a conv), which a flax bias initializer is not given."""
+  bound = 1.0 / np.sqrt(max(fan_in, 1))
+
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+  return init
+
 
 def _pair(value: IntPair, name: str) -> Tuple[int, int]:
   if isinstance(value, int):

@@ -10,6 +10,4 @@ def create_model(name: str, **kwargs):
 
   Raises ``KeyError`` listing the valid names when ``name`` is unknown.
   """
-  # Importing the architecture files registers them; done here so `import cvjax.models` stays cheap.
-  from cvjax.models import _all  # noqa: F401
   return MODELS.get(name)(**kwargs)

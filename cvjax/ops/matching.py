@@ -26,7 +26,6 @@ from typing import NamedTuple, Optional, Tuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-import scipy.optimize
 
 BACKENDS = ("auto", "jax", "scipy")
 
@@ -202,7 +201,11 @@ def _match_one(cost: jnp.ndarray, valid: jnp.ndarray) -> jnp.ndarray:
 
 
 def _scipy_match(cost: np.ndarray, valid: np.ndarray) -> np.ndarray:
-  """Host side of the scipy backend: ``cost [..., Q, G]``, ``valid [..., G]`` -> ``[..., Q]`` int32."""
+  """Host side of the scipy backend: ``cost [..., Q, G]``, ``valid [..., G]`` -> ``[..., Q]`` int32.
+
+  scipy is imported here, when the backend first runs, so that ``import cvjax.ops`` does not need it.
+  """
+  import scipy.optimize  # pylint: disable=import-outside-toplevel
   num_queries, num_targets = cost.shape[-2:]
   batch_shape = cost.shape[:-2]
   cost_t = np.asarray(cost).reshape(-1, num_queries, num_targets).transpose(0, 2, 1)
@@ -228,8 +231,28 @@ def _scipy_match(cost: np.ndarray, valid: np.ndarray) -> np.ndarray:
   return out.reshape(batch_shape + (num_queries,))
 
 
+def _scipy_callback(cost: jnp.ndarray, target_valid: jnp.ndarray, batch_axis: Optional[str]) -> jnp.ndarray:
+  """``_scipy_match`` as a ``pure_callback``; split over the context mesh's ``batch_axis`` when there is one.
+
+  A callback alone is placed on one device (XLA gives it maximal sharding): a batch sharded over devices is
+  first gathered there, and with several processes one host would solve every image. Under a mesh with
+  ``batch_axis`` dividing the leading dim, ``shard_map`` instead hands each device its own rows, solved by its
+  own host (replicated over the mesh's other axes).
+  """
+  def solve(cost, valid):
+    out_type = jax.ShapeDtypeStruct(cost.shape[:-1], jnp.int32)
+    return jax.pure_callback(_scipy_match, out_type, cost, valid, vmap_method="broadcast_all")
+
+  mesh = jax.sharding.get_abstract_mesh()
+  if (batch_axis is None or mesh.empty or batch_axis not in mesh.axis_names or cost.ndim < 3
+      or cost.shape[0] % mesh.shape[batch_axis]):
+    return solve(cost, target_valid)
+  spec = jax.sharding.PartitionSpec(batch_axis)
+  return jax.shard_map(solve, mesh=mesh, in_specs=(spec, spec), out_specs=spec)(cost, target_valid)
+
+
 def match_sets(cost: jnp.ndarray, target_valid: Optional[jnp.ndarray] = None,
-               backend: str = "auto") -> jnp.ndarray:
+               backend: str = "auto", batch_axis: Optional[str] = None) -> jnp.ndarray:
   """DETR's Hungarian matcher: per query, the index of its matched target or -1.
 
   Solves, per image, the exact minimum-cost matching between the ``Q`` queries and the valid targets only
@@ -244,6 +267,10 @@ def match_sets(cost: jnp.ndarray, target_valid: Optional[jnp.ndarray] = None,
       largest ``n_valid`` of the batch); ``'scipy'``: ``jax.pure_callback`` to scipy per image (a device-to-host
       sync on accelerators); ``'auto'``: ``'scipy'`` when JAX's default backend is the CPU (fastest there),
       ``'jax'`` on GPU / TPU.
+    batch_axis: for ``'scipy'`` under a context mesh (``jax.set_mesh``; the train loop traces its steps with
+      its mesh): the mesh axis the leading batch dim is sharded over (the loop's ``'data'``). Each device then
+      hands its own images to its own host's scipy; otherwise (None, no mesh, the axis absent or not dividing
+      the batch) the callback receives the whole batch on one device.
 
   Returns:
     ``[..., Q]`` int32 target indices in ``[0, G)`` or -1, under ``stop_gradient`` (the cost gets no gradient).
@@ -267,8 +294,7 @@ def match_sets(cost: jnp.ndarray, target_valid: Optional[jnp.ndarray] = None,
   if backend == "auto":
     backend = "scipy" if jax.default_backend() == "cpu" else "jax"
   if backend == "scipy":
-    out_type = jax.ShapeDtypeStruct(batch_shape + (num_queries,), jnp.int32)
-    return jax.pure_callback(_scipy_match, out_type, cost, target_valid, vmap_method="broadcast_all")
+    return _scipy_callback(cost, target_valid, batch_axis)
   flat = jax.vmap(_match_one)(cost.reshape((-1, num_queries, num_targets)),
                               target_valid.reshape((-1, num_targets)))
   return flat.reshape(batch_shape + (num_queries,))

@@ -28,6 +28,7 @@ from typing import Optional, Tuple
 import jax
 import jax.numpy as jnp
 
+from cvjax.ops._args import callable_module
 from cvjax.ops.boxes import _check_boxes, _iou
 
 _TILE = 256
@@ -152,3 +153,6 @@ def batched_nms(boxes: jnp.ndarray, scores: jnp.ndarray, classes: jnp.ndarray, i
   order over all classes.
   """
   return _nms(boxes, scores, classes, iou_threshold, max_output_size, score_threshold)
+
+
+callable_module(__name__, nms)  # `cvjax.ops.nms(...)` calls the op; the module stays reachable

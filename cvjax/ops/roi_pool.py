@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cvjax.ops._args import callable_module
 from cvjax.ops.roi_align import (OutputSize, check_features_and_rois, ieee_divide, map_chunks, parse_output_size,
                                  split_rois)
 
@@ -141,3 +142,6 @@ def roi_pool(features: Array, rois: Array, output_size: OutputSize, spatial_scal
   out = jnp.where(picked, value, jnp.where(empty[..., None], 0.0, -_FLT_MAX).astype(features.dtype))
   return jnp.where(ok[:, None, None, None], out, 0.0).astype(features.dtype)
 
+
+
+callable_module(__name__, roi_pool)  # `cvjax.ops.roi_pool(...)` calls the op; the module stays reachable

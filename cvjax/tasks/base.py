@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import jax
 import ml_collections
@@ -19,15 +19,19 @@ class Task:
   """One family's objective. Subclasses register with ``@TASKS.register(name)``.
 
   ``num_classes``, ``class_names`` and ``category_ids`` (the dataset's own id of each contiguous label, e.g.
-  COCO's, or None) describe the input pipeline's labels.
+  COCO's, or None) describe the input pipeline's labels. ``ground_truth`` is None or a zero-argument callable
+  returning the evaluation split's annotations as a COCO-format dict (datasets with an annotation file), which
+  evaluators use instead of the targets in the batches.
   """
 
   def __init__(self, config: ml_collections.ConfigDict, num_classes: int, class_names: Sequence[str],
-               category_ids: Optional[Sequence[int]] = None):
+               category_ids: Optional[Sequence[int]] = None,
+               ground_truth: Optional[Callable[[], Dict[str, Any]]] = None):
     self.config = config
     self.num_classes = num_classes
     self.class_names = list(class_names)
     self.category_ids = None if category_ids is None else list(category_ids)
+    self.ground_truth = ground_truth
 
   def model_inputs(self, batch: Dict[str, Any]) -> Tuple[tuple, dict]:
     """Positional and keyword arguments of ``model.apply`` (besides variables and ``train``)."""
@@ -49,6 +53,11 @@ class Task:
 
 
 def create_task(config: ml_collections.ConfigDict, num_classes: int, class_names: Sequence[str],
-                category_ids: Optional[Sequence[int]] = None) -> Task:
-  from cvjax.tasks import classification, detection  # noqa: F401  (registers)
-  return TASKS.get(config.task.name)(config, num_classes, class_names, category_ids)
+                category_ids: Optional[Sequence[int]] = None,
+                ground_truth: Optional[Callable[[], Dict[str, Any]]] = None) -> Task:
+  """The task registered under ``config.task.name``, for a dataset with these labels (see ``Task``).
+
+  Raises ``KeyError`` listing the registered names when the name is unknown.
+  """
+  from cvjax.tasks import classification, detr  # noqa: F401  (registers)
+  return TASKS.get(config.task.name)(config, num_classes, class_names, category_ids, ground_truth)

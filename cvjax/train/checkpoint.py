@@ -14,11 +14,7 @@ from typing import Any, Dict, Optional
 
 import jax
 import orbax.checkpoint as ocp
-from absl import logging
 from etils import epath
-
-# Test hook: SIGKILL this process while a save of this step is in progress (see tests/train).
-_KILL_DURING_SAVE_ENV = "CVJAX_TEST_KILL_DURING_SAVE_STEP"
 
 
 class DataStateHandler(ocp.CheckpointHandler):
@@ -29,13 +25,11 @@ class DataStateHandler(ocp.CheckpointHandler):
     return directory / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
 
   def save(self, directory: epath.Path, args: "DataStateSave") -> None:
+    """Writes this process's iterator state into the checkpoint's ``data`` directory."""
     self._file(directory).write_text(json.dumps(args.state))
-    kill_step = os.environ.get(_KILL_DURING_SAVE_ENV)
-    if kill_step is not None and f"/{kill_step}." in str(directory):
-      logging.warning("test hook: killing the process during the save of step %s", kill_step)
-      os.kill(os.getpid(), 9)
 
   def restore(self, directory: epath.Path, args: Optional["DataStateRestore"] = None) -> Optional[Dict]:
+    """This process's saved iterator state, or None if the checkpoint was written by another process count."""
     path = self._file(directory)
     if not path.exists():
       # Written with a different process count: the model state still restores; the data order restarts.
@@ -43,6 +37,7 @@ class DataStateHandler(ocp.CheckpointHandler):
     return json.loads(path.read_text())
 
   def metadata(self, directory: epath.Path) -> None:
+    """No metadata beyond the JSON files themselves."""
     return None
 
 
@@ -69,9 +64,12 @@ class Checkpointer:
                                          item_names=("state", "data"))
 
   def latest_step(self) -> Optional[int]:
+    """The newest complete checkpoint's step, or None if there is none (half-written saves do not count)."""
     return self.manager.latest_step()
 
   def save(self, step: int, state: Any, data_state: Dict[str, Any]) -> None:
+    """Starts saving ``state`` (a pytree of arrays) and this process's ``data_state`` (JSON-serialisable) as
+    checkpoint ``step``; returns before the write finishes (``wait`` blocks until it has)."""
     self.manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), data=DataStateSave(data_state)))
 
@@ -82,7 +80,9 @@ class Checkpointer:
     return restored.state, restored.data
 
   def wait(self) -> None:
+    """Blocks until an in-flight asynchronous save has been committed."""
     self.manager.wait_until_finished()
 
   def close(self) -> None:
+    """Waits for pending saves and releases the manager's resources."""
     self.manager.close()

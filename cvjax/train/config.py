@@ -6,10 +6,13 @@ dataset/model/optimizer keys for its family, and applies a named preset (``confi
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from typing import Callable, Dict, Optional
 
 import ml_collections
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -121,3 +124,23 @@ def select_preset(presets: Dict[str, Callable[[ml_collections.ConfigDict], None]
   presets[name](config)
   config.lock()
   return config
+
+
+def load_config_file(spec: str) -> ml_collections.ConfigDict:
+  """``'configs/resnet.py:preset'`` -> that file's ``get_config(preset)``, locked.
+
+  The path is relative to the working directory, else to the repository root (so a pretrain config named in
+  a preset resolves wherever the launcher runs).
+
+  Raises:
+    FileNotFoundError: naming the places looked in.
+  """
+  path, _, preset = spec.partition(":")
+  candidates = [path, os.path.join(REPO_ROOT, path)]
+  found = next((p for p in candidates if os.path.isfile(p)), None)
+  if found is None:
+    raise FileNotFoundError(f"config file {path!r} (from {spec!r}) not found; looked in {candidates}")
+  module_spec = importlib.util.spec_from_file_location(f"_cvjax_config_{abs(hash(found))}", found)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(preset or None)

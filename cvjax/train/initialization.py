@@ -15,12 +15,13 @@ Config keys (``config.init``, see ``cvjax.train.config.base_config``):
     Every destination leaf must exist in the source with the same shape; source leaves without a destination
     (a classifier's head) are ignored.
 
-Only a fresh run is initialised this way: resuming from the run's own checkpoint never re-grafts.
+Only a fresh run is initialised this way: resuming from the run's own checkpoint never re-grafts. The train
+loop (``cvjax.train.trainer``) trains or restores the source run; this module holds the pieces below it: which
+run or file is the source, reading a PyTorch checkpoint, and the graft.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 from typing import Any, Dict, Tuple
@@ -30,27 +31,13 @@ import ml_collections
 from absl import logging
 from flax import traverse_util
 
-
-def load_config_file(spec: str) -> ml_collections.ConfigDict:
-  """``'configs/resnet.py:preset'`` -> that file's ``get_config(preset)`` (path relative to the working
-  directory, else to the repository root)."""
-  path, _, preset = spec.partition(":")
-  candidates = [path, os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(__file__))), path)]
-  found = next((p for p in candidates if os.path.isfile(p)), None)
-  if found is None:
-    raise FileNotFoundError(f"config file {path!r} (from {spec!r}) not found; looked in {candidates}")
-  module_spec = importlib.util.spec_from_file_location(f"_cvjax_config_{abs(hash(found))}", found)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  return module.get_config(preset or None)
+from cvjax.train.checkpoint import Checkpointer
+from cvjax.train.config import load_config_file
 
 
-def _pretrain(config: ml_collections.ConfigDict, workdir: str) -> Tuple[str, ml_collections.ConfigDict]:
-  """Trains ``config.init.pretrain_config`` in ``workdir/pretrain`` unless it has finished there; returns that
-  workdir and its config."""
-  from cvjax.train import trainer  # deferred: trainer imports this module
-  from cvjax.train.checkpoint import Checkpointer
-
+def pretrain_run(config: ml_collections.ConfigDict, workdir: str) -> Tuple[ml_collections.ConfigDict, str, bool]:
+  """The run that ``config.init.pretrain_config`` names: ``(its config, its workdir <workdir>/pretrain,
+  whether it still has to train)``. Its ``data_dir`` and ``progress_bar`` are this run's."""
   pre_config = load_config_file(config.init.pretrain_config)
   with pre_config.unlocked():
     pre_config.data_dir = config.data_dir
@@ -59,16 +46,24 @@ def _pretrain(config: ml_collections.ConfigDict, workdir: str) -> Tuple[str, ml_
   checkpointer = Checkpointer(pre_workdir, keep=1)
   done = checkpointer.latest_step()
   checkpointer.close()
-  if done is None or done < pre_config.total_steps:
-    if jax.process_index() == 0:
-      print(f"pretraining {config.init.pretrain_config} in {pre_workdir} "
-            f"({pre_config.total_steps} steps) to initialise {config.name}", flush=True)
-    trainer.write_config(pre_config, pre_workdir)
-    trainer.train_and_evaluate(pre_config, pre_workdir)
-  return pre_workdir, pre_config
+  return pre_config, pre_workdir, done is None or done < pre_config.total_steps
 
 
-def _torch_checkpoint_variables(init: ml_collections.ConfigDict) -> Dict[str, Any]:
+def run_config(workdir: str, data_dir: str) -> ml_collections.ConfigDict:
+  """The config an existing run saved in ``workdir/config.json`` (``config.init.checkpoint_dir``), with this
+  run's ``data_dir``."""
+  config_path = os.path.join(workdir, "config.json")
+  if not os.path.isfile(config_path):
+    raise FileNotFoundError(f"config.init.checkpoint_dir={workdir!r} has no config.json: it must be the "
+                            "workdir of a cvjax run")
+  with open(config_path) as f:
+    source_config = ml_collections.ConfigDict(json.load(f))
+  with source_config.unlocked():
+    source_config.data_dir = data_dir
+  return source_config
+
+
+def torch_checkpoint_variables(init: ml_collections.ConfigDict) -> Dict[str, Any]:
   """``init.torch_checkpoint`` read with torch and converted to ``{'params', 'batch_stats'}``."""
   from cvjax.convert import from_torch_state_dict  # deferred: the converters are not needed otherwise
 
@@ -90,33 +85,6 @@ def _torch_checkpoint_variables(init: ml_collections.ConfigDict) -> Dict[str, An
       state_dict = state_dict[wrapper]
   _, variables = from_torch_state_dict(init.torch_model, state_dict, **dict(init.torch_model_kwargs))
   return {"params": variables.get("params", {}), "batch_stats": variables.get("batch_stats", {})}
-
-
-def pretrained_variables(config: ml_collections.ConfigDict, workdir: str) -> Tuple[Dict[str, Any], str]:
-  """The ``{'params', 'batch_stats'}`` that initialise this run, and where they came from."""
-  from cvjax.train import trainer
-
-  if config.init.torch_checkpoint:
-    return _torch_checkpoint_variables(config.init), config.init.torch_checkpoint
-  if config.init.pretrain_config:
-    source_dir, source_config = _pretrain(config, workdir)
-  else:
-    source_dir = config.init.checkpoint_dir
-    config_path = os.path.join(source_dir, "config.json")
-    if not os.path.isfile(config_path):
-      raise FileNotFoundError(f"config.init.checkpoint_dir={source_dir!r} has no config.json: it must be the "
-                              "workdir of a cvjax run")
-    with open(config_path) as f:
-      source_config = ml_collections.ConfigDict(json.load(f))
-    with source_config.unlocked():
-      source_config.data_dir = config.data_dir
-  experiment = trainer.Experiment(source_config, source_dir, train=False)
-  step = experiment.checkpointer.latest_step()
-  if step is None:
-    raise FileNotFoundError(f"no checkpoint in {source_dir} to initialise {config.name} from")
-  state, _ = experiment.restore(step)
-  experiment.checkpointer.close()
-  return {"params": state.params, "batch_stats": state.batch_stats}, source_dir
 
 
 def graft(variables: Dict[str, Any], pretrained: Dict[str, Any], mapping) -> Dict[str, Any]:

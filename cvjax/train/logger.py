@@ -24,6 +24,8 @@ class MetricsLogger:
   """``write(step, {'train/loss': ..})`` appends one JSON object per call and the matching TB scalars."""
 
   def __init__(self, workdir: str, total_steps: int, initial_step: int, progress_bar: bool = True):
+    """Appends to ``workdir/metrics.jsonl`` and ``workdir/tensorboard``; the bar counts from ``initial_step``
+    (a resumed run) to ``total_steps``."""
     self.enabled = jax.process_index() == 0
     self._jsonl = None
     self._tb = None
@@ -39,6 +41,7 @@ class MetricsLogger:
                             smoothing=0.1)
 
   def write(self, step: int, metrics: Dict[str, float]) -> None:
+    """One JSONL record ``{'step', 'time', **metrics}`` and a TensorBoard scalar per numeric metric."""
     if not self.enabled:
       return
     record = {"step": int(step), "time": time.time(), **{k: _scalar(v) for k, v in metrics.items()}}
@@ -48,6 +51,7 @@ class MetricsLogger:
         self._tb.add_scalar(k, v, int(step))
 
   def progress(self, step: int, postfix: Optional[Dict[str, float]] = None) -> None:
+    """Moves the progress bar to ``step`` and shows ``postfix`` (loss, steps/s) beside it."""
     if self._bar is None:
       return
     self._bar.update(step - self._bar.n)
@@ -55,6 +59,7 @@ class MetricsLogger:
       self._bar.set_postfix({k: f"{v:.4g}" for k, v in postfix.items()}, refresh=False)
 
   def close(self) -> None:
+    """Closes the bar, the TensorBoard writer and the JSONL file."""
     if self._bar is not None:
       self._bar.close()
     if self._tb is not None:

@@ -79,7 +79,13 @@ def drop_frozen_gradients(grads: Any, frozen: Any) -> Any:
 
 def create_optimizer(opt: ml_collections.ConfigDict, total_steps: int
                      ) -> Tuple[optax.GradientTransformation, optax.Schedule]:
-  """Returns ``(tx, schedule)``; ``schedule(step)`` is the base (multiplier 1) learning rate."""
+  """Returns ``(tx, schedule)``; ``schedule(step)`` is the base (multiplier 1) learning rate.
+
+  Freezing (``opt.freeze``) is one rule, ``frozen_mask``, applied at its two ends: the train step replaces
+  frozen leaves' gradients by zeros before ``tx`` sees them (``drop_frozen_gradients``: XLA then skips their
+  backward, and they do not count in the clipping norm, as parameters with ``requires_grad=False`` in
+  PyTorch), and ``tx`` gives them zero updates (no weight decay either).
+  """
   schedule = create_schedule(opt, total_steps)
   multipliers = [(str(p), float(m)) for p, m in opt.lr_multipliers]
   freeze = [str(f) for f in opt.freeze]
@@ -98,9 +104,4 @@ def create_optimizer(opt: ml_collections.ConfigDict, total_steps: int
     tx = _base_optimizer(opt, schedule)
   if opt.grad_clip_norm:
     tx = optax.chain(optax.clip_by_global_norm(opt.grad_clip_norm), tx)
-  if freeze:
-    # Frozen parameters' gradients are zeroed before clipping so they do not count in the global norm
-    # (as parameters with requires_grad=False in PyTorch).
-    frozen_mask = lambda params: jax.tree.map(lambda l: l == FROZEN, labels(params))
-    tx = optax.chain(optax.masked(optax.set_to_zero(), frozen_mask), tx)
   return tx, schedule

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, Optional
 
 import jax
 import ml_collections
 import numpy as np
 from absl import logging
-from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 # Environment variables that mean "this process is one of several": JAX's own cluster detection then fills in
@@ -72,43 +71,23 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P("data"))
 
 
-def pad_images(local_batch: Dict[str, np.ndarray], height: int, width: int) -> Dict[str, np.ndarray]:
-  """Zero-pads (bottom/right) every array whose axes 1 and 2 are the ``pixel_mask``'s (H, W) to height x width.
-
-  That is ``image [B, H, W, C]`` and ``pixel_mask [B, H, W]`` (False on the new pixels, so models see
-  padding); other keys are untouched. ``height``/``width`` must be at least H/W.
-  """
-  h, w = local_batch["pixel_mask"].shape[1:3]
-  if (h, w) == (height, width):
-    return local_batch
-
-  def pad(x):
-    if x.ndim < 3 or x.shape[1:3] != (h, w):
-      return x
-    return np.pad(x, [(0, 0), (0, height - h), (0, width - w)] + [(0, 0)] * (x.ndim - 3))
-
-  return {key: pad(value) for key, value in local_batch.items()}
-
-
-def agree_on_image_size(local_batch: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
-  """Pads this process's images to the element-wise max (H, W) over processes (a tiny allgather).
-
-  Detection batches are padded per process to the smallest bucket that fits them (cvjax.data.batching), so
-  processes can differ, but one global array needs one shape. Bucket sets are closed under the element-wise
-  max, so the agreed shape is again a bucket and no new shape (recompilation) appears.
-  """
-  local = np.asarray(local_batch["pixel_mask"].shape[1:3], np.int32)
-  height, width = np.asarray(multihost_utils.process_allgather(local)).reshape(-1, 2).max(axis=0)
-  return pad_images(local_batch, int(height), int(width))
-
-
 def global_batch(mesh: Mesh, local_batch: Dict[str, np.ndarray]) -> Dict[str, jax.Array]:
   """Assembles this process's slice of the batch into global arrays sharded over 'data'.
 
-  With several processes, batches with a ``pixel_mask`` are first padded to one image size
-  (``agree_on_image_size``); a single process uses its batch as it is.
+  No collective runs here: every process's slice must already have the same shapes. The input pipelines
+  guarantee it; detection batches, padded per batch to the smallest fitting bucket in a single process, are
+  padded to one per-run shape (the largest bucket) when there are several (``cvjax.data.pipeline``).
   """
-  if jax.process_count() > 1 and "pixel_mask" in local_batch:
-    local_batch = agree_on_image_size(local_batch)
   sharding = batch_sharding(mesh)
   return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), local_batch)
+
+
+def jit_with_mesh(fn: Callable, mesh: Mesh, **jit_kwargs) -> Callable:
+  """``jax.jit(fn, **jit_kwargs)`` whose tracing sees ``mesh`` as the context mesh
+  (``jax.sharding.get_abstract_mesh()``), so that ops inside can place per-example host work by its axes."""
+
+  def traced(*args, **kwargs):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return fn(*args, **kwargs)
+
+  return jax.jit(traced, **jit_kwargs)

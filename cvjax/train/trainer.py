@@ -10,11 +10,12 @@ initialised. Each step assembles the global batch from this process's slice, run
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
 import time
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -49,10 +50,29 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int):
   return create_model(name, **kwargs)
 
 
-def _dummy_batch(pipeline, batch_size: int = 1) -> Dict[str, np.ndarray]:
-  """A zero batch with the pipeline's structure (shapes from one real batch of the eval iterator)."""
-  example = next(iter(pipeline.iterator()))
-  return jax.tree.map(lambda x: np.zeros((batch_size,) + x.shape[1:], x.dtype), example)
+@dataclasses.dataclass(frozen=True)
+class DataSpec:
+  """What the model, the task and the state's shapes need to know of the data.
+
+  Attributes:
+    num_classes, class_names, category_ids: the label space (``category_ids``: the dataset's own id of each
+      label, e.g. COCO's, or None).
+    example_batch: one host batch (only its structure, shapes and dtypes are used; rows may be zeros).
+    ground_truth: None, or a callable returning the evaluation split's COCO-format annotations.
+  """
+  num_classes: int
+  class_names: Sequence[str]
+  example_batch: Dict[str, np.ndarray]
+  category_ids: Optional[Sequence[int]] = None
+  ground_truth: Optional[Callable[[], Dict[str, Any]]] = None
+
+  @classmethod
+  def of(cls, pipeline) -> "DataSpec":
+    """The spec of an input pipeline: its labels and a zero batch of one row shaped like its batches."""
+    example = next(iter(pipeline.iterator()))
+    zeros = jax.tree.map(lambda x: np.zeros((1,) + x.shape[1:], x.dtype), example)
+    return cls(num_classes=pipeline.num_classes, class_names=pipeline.class_names, example_batch=zeros,
+               category_ids=pipeline.category_ids, ground_truth=pipeline.ground_truth)
 
 
 def _train_step(model, task: Task, tx: optax.GradientTransformation, schedule, frozen,
@@ -93,24 +113,31 @@ def _eval_step(model, task: Task, state: TrainState, batch: Dict[str, jax.Array]
 
 
 class Experiment:
-  """Everything built from a config: mesh, pipelines, model, task, optimizer, jitted functions, state."""
+  """Everything built from a config: mesh, pipelines, model, task, optimizer, jitted functions, state.
 
-  def __init__(self, config: ml_collections.ConfigDict, workdir: str, train: bool = True):
-    from cvjax.data import create_pipeline  # deferred: TFDS import is slow and only needed here
+  ``data`` (a ``DataSpec``) replaces the input pipelines for callers that feed their own batches (benchmarks,
+  research code): the model, task, state and jitted steps are then built from it, and there is no
+  ``train_pipeline`` / ``eval_pipeline`` (so no ``evaluate``).
+  """
 
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str, train: bool = True,
+               data: Optional[DataSpec] = None):
     self.config = config
     self.workdir = workdir
     self.mesh = sharding_lib.create_mesh(config.mesh)
-    self.train_pipeline = (create_pipeline(config, config.dataset.train_split, train=True)
-                           if train else None)
-    self.eval_pipeline = create_pipeline(config, config.dataset.eval_split, train=False)
-    info = self.eval_pipeline
-    self.task = create_task(config, info.num_classes, info.class_names, info.category_ids)
-    self.model = build_model(config, info.num_classes)
-    self.tx, self.schedule = create_optimizer(config.optimizer, config.total_steps)
+    self.train_pipeline = self.eval_pipeline = None
+    if data is None:
+      from cvjax.data import create_pipeline  # deferred: TFDS import is slow and only needed here
 
-    dummy = _dummy_batch(self.eval_pipeline)
-    init_args, init_kwargs = self.task.model_inputs(dummy)
+      self.train_pipeline = (create_pipeline(config, config.dataset.train_split, train=True)
+                             if train else None)
+      self.eval_pipeline = create_pipeline(config, config.dataset.eval_split, train=False)
+      data = DataSpec.of(self.eval_pipeline)
+    self.data = data
+    self.task = create_task(config, data.num_classes, data.class_names, data.category_ids, data.ground_truth)
+    self.model = build_model(config, data.num_classes)
+    self.tx, self.schedule = create_optimizer(config.optimizer, config.total_steps)
+    init_args, init_kwargs = self.task.model_inputs(data.example_batch)
 
     def init(rng) -> TrainState:
       params_rng, dropout_rng = jax.random.split(rng)
@@ -125,21 +152,29 @@ class Experiment:
     self.state_sharding = sharding_lib.parameter_sharding(self.mesh, self.abstract_state)
     self._init = jax.jit(init, out_shardings=self.state_sharding)
     replicated = NamedSharding(self.mesh, P())
-    self.train_step = jax.jit(
-        functools.partial(_train_step, self.model, self.task, self.tx, self.schedule,
-                          frozen_mask(config.optimizer, self.abstract_state.params)),
+    frozen = frozen_mask(config.optimizer, self.abstract_state.params)
+    # Steps are traced with the mesh as the context mesh, so ops can split per-example host work over its
+    # 'data' axis (the scipy matcher: cvjax.ops.match_sets(batch_axis='data')).
+    self.train_step = sharding_lib.jit_with_mesh(
+        functools.partial(_train_step, self.model, self.task, self.tx, self.schedule, frozen), self.mesh,
         donate_argnums=0, out_shardings=(self.state_sharding, replicated))
-    self.eval_step = jax.jit(functools.partial(_eval_step, self.model, self.task), out_shardings=replicated)
+    self.eval_step = sharding_lib.jit_with_mesh(functools.partial(_eval_step, self.model, self.task), self.mesh,
+                                                out_shardings=replicated)
     self.checkpointer = Checkpointer(workdir, config.keep_checkpoints)
 
+  def global_batch(self, local_batch: Dict[str, np.ndarray]) -> Dict[str, jax.Array]:
+    """This process's slice of a batch as global arrays sharded over the mesh's 'data' axis."""
+    return sharding_lib.global_batch(self.mesh, local_batch)
+
   def initial_state(self) -> Tuple[TrainState, Optional[Dict[str, Any]]]:
-    """Restores the latest checkpoint of the workdir if there is one, else initialises from the seed."""
+    """Restores the latest checkpoint of the workdir if there is one, else initialises from the seed (and,
+    with ``config.init``, from pretrained weights)."""
     step = self.checkpointer.latest_step()
     if step is None:
       state = self._init(self.rng)
       init = self.config.init
       if init.pretrain_config or init.checkpoint_dir or init.torch_checkpoint:
-        pretrained, source = initialization.pretrained_variables(self.config, self.workdir)
+        pretrained, source = pretrained_variables(self.config, self.workdir)
         variables = initialization.graft({"params": state.params, "batch_stats": state.batch_stats},
                                          pretrained, init.mapping)
         state = state.replace(params=variables["params"], batch_stats=variables["batch_stats"])
@@ -167,6 +202,8 @@ class Experiment:
 
   def evaluate(self, state: TrainState) -> Tuple[Dict[str, float], Dict]:
     """One pass over the eval split; every real example counted once across processes."""
+    if self.eval_pipeline is None:
+      raise ValueError("this Experiment was built from a DataSpec and has no evaluation pipeline")
     evaluator = self.task.evaluator()
     num_batches = -(-self.eval_pipeline.num_examples // self.config.batch_size)
     if self.config.eval_steps > 0:
@@ -180,7 +217,7 @@ class Experiment:
       if local is None:
         local = jax.tree.map(np.zeros_like, last)
       last = local
-      outputs = self.eval_step(state, sharding_lib.global_batch(self.mesh, local))
+      outputs = self.eval_step(state, self.global_batch(local))
       evaluator.update(jax.device_get(outputs) if jax.process_count() == 1
                        else multihost_utils.process_allgather(outputs, tiled=True), inputs=local)
     scalars, details = evaluator.result()
@@ -190,6 +227,7 @@ class Experiment:
     return scalars, details
 
   def check_finite(self, state: TrainState) -> None:
+    """Raises ``NonFiniteLossError`` if a step since the start had a NaN/Inf loss or gradient."""
     bad = int(jax.device_get(state.nonfinite_step))
     if bad >= 0:
       last = self.checkpointer.latest_step()
@@ -198,6 +236,33 @@ class Experiment:
       raise NonFiniteLossError(
           f"the loss or gradient became NaN/Inf at step {bad} (that update was skipped); stopping: {kept}. "
           "Lower the learning rate or enable config.optimizer.grad_clip_norm.")
+
+
+def pretrained_variables(config: ml_collections.ConfigDict, workdir: str) -> Tuple[Dict[str, Any], str]:
+  """The ``{'params', 'batch_stats'}`` that ``config.init`` names, and where they came from: a PyTorch
+  checkpoint, the pretrain run (trained here first, in ``workdir/pretrain``, unless it has finished) or another
+  run's workdir (its latest checkpoint)."""
+  init = config.init
+  if init.torch_checkpoint:
+    return initialization.torch_checkpoint_variables(init), init.torch_checkpoint
+  if init.pretrain_config:
+    source_config, source_dir, unfinished = initialization.pretrain_run(config, workdir)
+    if unfinished:
+      if jax.process_index() == 0:
+        print(f"pretraining {init.pretrain_config} in {source_dir} ({source_config.total_steps} steps) to "
+              f"initialise {config.name}", flush=True)
+      write_config(source_config, source_dir)
+      train_and_evaluate(source_config, source_dir)
+  else:
+    source_dir = init.checkpoint_dir
+    source_config = initialization.run_config(source_dir, config.data_dir)
+  experiment = Experiment(source_config, source_dir, train=False)
+  step = experiment.checkpointer.latest_step()
+  if step is None:
+    raise FileNotFoundError(f"no checkpoint in {source_dir} to initialise {config.name} from")
+  state, _ = experiment.restore(step)
+  experiment.checkpointer.close()
+  return {"params": state.params, "batch_stats": state.batch_stats}, source_dir
 
 
 def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -233,7 +298,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   accumulated = None
   try:
     while step < config.total_steps:
-      batch = sharding_lib.global_batch(exp.mesh, next(train_iter))
+      batch = exp.global_batch(next(train_iter))
       state, metrics = exp.train_step(state, batch)
       step += 1
       accumulated = metrics if accumulated is None else jax.tree.map(jnp.add, accumulated, metrics)

@@ -1,6 +1,6 @@
 """cvjax.viz: drawing to PNG (NumPy + matplotlib, no JAX): attention heatmaps, detections.
 
-``cvjax.viz.explain`` (``--mode=explain``) builds on the train loop and is imported on its own.
+It imports nothing of the train loop; ``--mode=explain`` (``cvjax.train.explain``) draws with it.
 """
 
 from cvjax.viz.attention import attention_rollout, cls_attention_maps, save_attention_pngs

@@ -1,6 +1,6 @@
 """Where a Vision Transformer looks: class-token attention per head, attention rollout, heatmap PNGs.
 
-Pure NumPy (matplotlib only to draw). The input is what ``cvjax.models.vit.ViT`` returns with
+Pure NumPy (matplotlib only to draw). The input is what ``cvjax.models.backbones.vit.ViT`` returns with
 ``return_attention=True`` -- one array of attention probabilities per layer, ``[B, heads, N, N]`` -- moved to
 host; a single image's ``[heads, N, N]`` per layer works the same (every function accepts leading batch axes
 ``...``). Rows are queries and columns keys, so each row sums to 1. Token order: ``num_prefix_tokens`` prefix

@@ -6,22 +6,10 @@ import jax
 import numpy as np
 import pytest
 import torch
+from torch_reference import randomise_batch_norms
 from transformers import ResNetConfig, ResNetForImageClassification, ResNetModel
 
 from cvjax.convert import from_transformers
-
-
-def randomise_batch_norms(model: torch.nn.Module, seed: int = 0) -> None:
-  """Non-trivial running statistics and affine parameters, so that a misplaced BN shows in the output."""
-  generator = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for module in model.modules():
-      if isinstance(module, torch.nn.BatchNorm2d):
-        shape = module.running_mean.shape
-        module.running_mean.copy_(0.2 * torch.randn(shape, generator=generator))
-        module.running_var.copy_(torch.rand(shape, generator=generator) + 0.5)
-        module.weight.copy_(torch.rand(shape, generator=generator) + 0.5)
-        module.bias.copy_(0.2 * torch.randn(shape, generator=generator))
 
 
 CONFIGS = {

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+from torch_reference import randomise_batch_norms
 
 from cvjax.convert import from_torch_state_dict
 
@@ -105,20 +106,6 @@ def torch_alexnet(width, hidden, num_classes):
   return TorchVGGOrAlexNet(features, 6, classifier)
 
 
-def randomised(model: nn.Module) -> nn.Module:
-  """Eval mode with random BN statistics and affine parameters (a misplaced BN shows in the output)."""
-  generator = torch.Generator().manual_seed(0)
-  with torch.no_grad():
-    for module in model.modules():
-      if isinstance(module, nn.BatchNorm2d):
-        shape = module.running_mean.shape
-        module.running_mean.copy_(0.2 * torch.randn(shape, generator=generator))
-        module.running_var.copy_(torch.rand(shape, generator=generator) + 0.5)
-        module.weight.copy_(torch.rand(shape, generator=generator) + 0.5)
-        module.bias.copy_(0.2 * torch.randn(shape, generator=generator))
-  return model.eval()
-
-
 CASES = {
     "resnet18": lambda: (TorchResNet([1, 2, 1, 1], False, 8, 7),
                          dict(width=8, num_classes=7, stage_sizes=(1, 2, 1, 1)), 64),
@@ -141,7 +128,7 @@ CASES = {
 def test_converted_logits_match_torch(case):
   torch.manual_seed(0)
   torch_model, kwargs, side = CASES[case]()
-  torch_model = randomised(torch_model)
+  torch_model = randomise_batch_norms(torch_model)
   x = np.random.default_rng(0).standard_normal((2, 3, side, side), dtype=np.float32)
   with torch.no_grad():
     expected = torch_model(torch.from_numpy(x)).numpy()

@@ -1,8 +1,6 @@
 """Fixtures for cvjax.data tests: small generated `shapes` splits and tiny stand-ins for real TFDS datasets."""
 
 import io
-import json
-import os
 
 import ml_collections
 import numpy as np
@@ -125,44 +123,6 @@ def fake_real_dir(tmp_path_factory) -> str:
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
         compute_stats=tfds.download.ComputeStatsMode.SKIP))
   return data_dir
-
-
-def _encode(array: np.ndarray, file_format: str) -> bytes:
-  buffer = io.BytesIO()
-  Image.fromarray(array).save(buffer, format=file_format)
-  return buffer.getvalue()
-
-
-def _write_coco_folder(root, split: str, images: list, annotations: list, categories: list) -> str:
-  """Writes `<root>/<split>/<file>` and `<root>/annotations/instances_<split>.json`; returns str(root).
-
-  `images` holds (image_id, file_name, content): content is a uint8 [H, W, 3] array (saved as PNG or JPEG by
-  the file's extension, with its size in the json) or raw bytes (e.g. a corrupt file; no size in the json).
-  `annotations` holds dicts with at least image_id, category_id and bbox; ids are filled in.
-  """
-  images_dir = os.path.join(root, split)
-  os.makedirs(images_dir, exist_ok=True)
-  os.makedirs(os.path.join(root, 'annotations'), exist_ok=True)
-  entries = []
-  for image_id, file_name, content in images:
-    entry = {'id': image_id, 'file_name': file_name}
-    if isinstance(content, np.ndarray):
-      entry.update(height=content.shape[0], width=content.shape[1])
-      content = _encode(content, 'JPEG' if file_name.endswith('.jpg') else 'PNG')
-    with open(os.path.join(images_dir, file_name), 'wb') as f:
-      f.write(content)
-    entries.append(entry)
-  instances = {'images': entries, 'categories': categories,
-               'annotations': [{'id': n + 1, **a} for n, a in enumerate(annotations)]}
-  with open(os.path.join(root, 'annotations', f'instances_{split}.json'), 'w') as f:
-    json.dump(instances, f)
-  return str(root)
-
-
-@pytest.fixture(scope='session')
-def write_coco_folder():
-  """`write_coco_folder(root, split, images, annotations, categories)`: a small COCO-format folder on disk."""
-  return _write_coco_folder
 
 
 @pytest.fixture(scope='session')

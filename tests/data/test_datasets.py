@@ -67,7 +67,7 @@ def test_corrupt_image_error_names_dataset_split_and_record(make_config, fake_re
 def test_coco_letterbox_drops_crowds_and_keeps_ids(make_config, fake_real_dir):
   config = _config(make_config, fake_real_dir, 'coco', task='detection', image_size=40, max_boxes=4)
   pipe = create_pipeline(config, 'validation', False, 0, 1)
-  assert pipe.num_classes == 80 and pipe.annotation_file is None
+  assert pipe.num_classes == 80
   assert len(pipe.category_ids) == 80 and pipe.category_ids[:12] == (*range(1, 12), 13)  # COCO's ids, 12 unused.
   assert pipe.category_ids[-1] == 90 and list(pipe.category_ids) == sorted(set(pipe.category_ids))
   batch = next(pipe.iterator())
@@ -91,3 +91,17 @@ def test_coco_letterbox_drops_crowds_and_keeps_ids(make_config, fake_real_dir):
 def test_coco_rejects_classification(make_config, fake_real_dir):
   with pytest.raises(ValueError, match="'coco/2017' supports task 'detection'"):
     create_pipeline(_config(make_config, fake_real_dir, 'coco', task='classification'), 'train', True, 0, 1)
+
+
+def test_coco_ground_truth_keeps_every_annotation_with_crowds_and_image_sizes(make_config, fake_real_dir):
+  """Evaluation's ground truth is the dataset's own annotations, crowds included (targets drop them)."""
+  config = _config(make_config, fake_real_dir, 'coco', task='detection', image_size=40, max_boxes=1)
+  truth = create_pipeline(config, 'validation', False, 0, 1).ground_truth()
+  assert [(i['id'], i['height'], i['width']) for i in truth['images']] == [
+      (1000, 30, 60), (1001, 50, 25), (1002, 40, 40)]
+  assert len(truth['categories']) == 80 and truth['categories'][7]['id'] == 8
+  first = [a for a in truth['annotations'] if a['image_id'] == 1000]
+  # All three objects although max_boxes=1; the crowd one flagged, areas from TFDS, boxes in pixels (x, y, w, h).
+  assert [(a['category_id'], a['iscrowd'], a['area']) for a in first] == [(4, 0, 1.0), (8, 1, 2.0), (90, 0, 3.0)]
+  np.testing.assert_allclose(first[0]['bbox'], [0.2 * 60, 0.1 * 30, 0.7 * 60, 0.4 * 30], atol=1e-4)
+  assert len({a['id'] for a in truth['annotations']}) == 9 and min(a['id'] for a in truth['annotations']) >= 1

@@ -4,7 +4,6 @@ import numpy as np
 import pytest
 
 from cvjax.data import batching, create_pipeline, detection_transforms, preprocessing
-from cvjax.train import sharding
 
 MEAN, STD = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
 
@@ -139,12 +138,18 @@ def test_multiscale_keys_need_scales_and_buckets_must_hold_max_size(shapes_dir, 
     create_pipeline(config(scales=(24,), max_size=32, buckets=((24, 24),)), 'train', True, 0, 1)
 
 
-def test_processes_agree_on_the_padded_image_size(monkeypatch):
-  local = {'image': np.ones((2, 32, 64, 3), np.float32), 'pixel_mask': np.ones((2, 32, 64), bool),
-           'boxes': np.ones((2, 32, 4), np.float32), 'mask': np.ones((2,), bool)}
-  monkeypatch.setattr(sharding.multihost_utils, 'process_allgather',
-                      lambda x: np.stack([np.asarray(x), np.array([64, 32])]))
-  agreed = sharding.agree_on_image_size(local)
-  assert agreed['image'].shape == (2, 64, 64, 3) and agreed['pixel_mask'].shape == (2, 64, 64)
-  assert agreed['pixel_mask'][:, :32, :64].all() and not agreed['pixel_mask'][:, 32:].any()
-  assert not agreed['image'][:, 32:].any() and agreed['boxes'] is local['boxes']
+def test_several_processes_pad_every_batch_to_the_largest_bucket(shapes_dir, make_config):
+  """With several processes one global array needs one shape: each pads to the largest bucket, so they agree
+  without exchanging shapes (a single process uses the smallest bucket that fits)."""
+  config = make_config(shapes_dir, task='detection', config_name='detection_32', batch_size=4, scales=(16, 24),
+                       max_size=32, eval_scale=24, buckets=((16, 16), (24, 24), (32, 32)))
+  single = create_pipeline(config, 'train', True, 0, 1)
+  assert single.buckets == ((16, 16), (24, 24), (32, 32))
+  for index in (0, 1):
+    pipe = create_pipeline(config, 'train', True, index, 2)
+    assert pipe.buckets == ((32, 32),)
+    iterator = pipe.iterator()
+    for batch in (next(iterator) for _ in range(3)):
+      assert batch['image'].shape == (2, 32, 32, 3) and batch['pixel_mask'].shape == (2, 32, 32)
+    eval_batch = next(create_pipeline(config, 'validation', False, index, 2).iterator())
+    assert eval_batch['image'].shape == (2, 32, 32, 3)

@@ -55,7 +55,8 @@ def test_folder_eval_skips_corrupt_files_and_fixes_boxes(folder, coco_folder_con
   pipe, batches = _eval_batches(config, caplog)
   assert pipe.num_examples == 6 and len(batches) == pipe.num_batches == 2
   assert pipe.class_names == ('three', 'seven', 'twelve') and pipe.category_ids == (3, 7, 12)
-  assert pipe.annotation_file == os.path.join(folder, 'annotations', 'instances_val.json')
+  with open(os.path.join(folder, 'annotations', 'instances_val.json')) as f:
+    assert pipe.ground_truth() == json.load(f)  # evaluation reads the annotation file itself
   rows = {int(i): (b, n) for b in batches for n, i in enumerate(b['image_id']) if b['mask'][n]}
   assert sorted(rows) == [101, 102, 104, 106]  # The corrupt files are left out, everything else once.
   masked = np.concatenate([b['image_id'][~b['mask']] for b in batches])
@@ -146,4 +147,4 @@ def test_explicit_folders_for_any_layout(tmp_path, write_coco_folder, coco_folde
   config = coco_folder_config(None, folders={'validation': (str(tmp_path / 'imgs'), annotation_file)})
   pipe = create_pipeline(config, 'validation', False, 0, 1)
   batch = next(pipe.iterator())
-  assert batch['image_id'][0] == 5 and batch['area'][0, 0] == 10 and pipe.annotation_file == annotation_file
+  assert batch['image_id'][0] == 5 and batch['area'][0, 0] == 10 and pipe.ground_truth()['images'][0]['id'] == 5

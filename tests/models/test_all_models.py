@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from cvjax.models import MODELS, _all, create_model  # noqa: F401  (_all registers the architectures)
+from cvjax.models import MODELS, create_model
 
 # Parameter counts of the torchvision ImageNet models (``weights.meta['num_params']`` in torchvision's model
 # docs); a layer in the wrong place, a missing bias or a wrong width changes them. Plain nets: the ResNet

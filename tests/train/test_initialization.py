@@ -78,7 +78,7 @@ def test_torch_checkpoint_initialises_the_detr_backbone(tmp_path):
   from flax import traverse_util
 
   from cvjax.models import create_model
-  from cvjax.train.initialization import pretrained_variables
+  from cvjax.train.trainer import pretrained_variables
 
   resnet = create_model("resnet18", num_classes=10, width=4, stem="cifar")
   images = jnp.zeros((1, 32, 32, 3))

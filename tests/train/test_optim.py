@@ -7,7 +7,8 @@ import optax
 import pytest
 
 from cvjax.train.config import base_config
-from cvjax.train.optim import create_optimizer, create_schedule, parameter_labels
+from cvjax.train.optim import (create_optimizer, create_schedule, drop_frozen_gradients, frozen_mask,
+                               parameter_labels)
 
 
 def _opt(**kw):
@@ -60,14 +61,22 @@ def test_multiplier_scales_the_update_and_frozen_params_stay():
   np.testing.assert_allclose(updates["head"]["bias"], 0.0)
 
 
-def test_frozen_gradients_do_not_count_in_the_clipping_norm():
-  # Gradient norm of the trainable part is 2 (four ones); the frozen part would add a huge norm.
-  opt = _opt(name="sgd", learning_rate=1.0, schedule="constant", grad_clip_norm=1.0, freeze=("frozen/.*",))
+def test_frozen_gradients_do_not_count_in_the_clipping_norm_nor_decay():
+  # As the train step does: frozen gradients are dropped, then the optimizer runs. The trainable part's
+  # gradient norm is 2 (four ones); the frozen part would add a huge norm, and weight decay would move it.
+  opt = _opt(name="sgd", learning_rate=1.0, schedule="constant", grad_clip_norm=1.0, weight_decay=0.5,
+             freeze=("frozen/.*",))
   tx, _ = create_optimizer(opt, 10)
   params = {"frozen": {"w": jnp.ones((4,))}, "train": {"w": jnp.ones((4,))}}
   grads = {"frozen": {"w": jnp.full((4,), 1e6)}, "train": {"w": jnp.ones((4,))}}
-  updates, _ = tx.update(grads, tx.init(params), params)
-  np.testing.assert_allclose(updates["train"]["w"], -0.5, rtol=1e-6)
+  frozen = frozen_mask(opt, params)
+  assert frozen == {"frozen": {"w": True}, "train": {"w": False}}
+  dropped = drop_frozen_gradients(grads, frozen)
+  assert float(optax.global_norm(dropped)) == pytest.approx(2.0)
+  updates, _ = tx.update(dropped, tx.init(params), params)
+  # Clipped to norm 1: each trainable gradient 0.5, plus the L2 term wd * p = 0.5 (frozen grads counted in the
+  # norm would have shrunk the 0.5 to ~1e-6).
+  np.testing.assert_allclose(updates["train"]["w"], -1.0, rtol=1e-5)
   np.testing.assert_allclose(updates["frozen"]["w"], 0.0)
 
 

@@ -45,7 +45,7 @@ def test_kill_during_save_keeps_previous_checkpoint(launch_cli, load_config, dat
   workdir = str(tmp_path / "run")
   args = ["--config=configs/resnet.py:tiny", f"--workdir={workdir}", f"--config.data_dir={data_dir}",
           "--config.total_steps=6", "--config.checkpoint_every=2"]
-  killed = launch_cli(args, env={"CVJAX_TEST_KILL_DURING_SAVE_STEP": "4"})
+  killed = launch_cli(["4", *args], program="tests/helpers/kill_during_save.py")
   assert killed.returncode == -9, killed.stdout + killed.stderr
   # The half-written step 4 is not a checkpoint; step 2 is, and restores.
   manager = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"))

@@ -11,7 +11,7 @@ import torch
 from transformers import SwinConfig, SwinForImageClassification
 
 from cvjax.models import MODELS, create_model
-from cvjax.models.swin import ARCHITECTURES, PatchMerging
+from cvjax.models.backbones.swin import ARCHITECTURES, PatchMerging
 
 RNG = np.random.default_rng(0)
 IMAGES = jnp.asarray(RNG.standard_normal((2, 32, 32, 3), dtype=np.float32))

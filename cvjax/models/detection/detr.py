@@ -12,6 +12,11 @@ Submodule names follow HF's ``DetrForObjectDetection`` (``input_projection``, ``
 
 Input: NHWC float32 images normalised by the input pipeline (ImageNet mean/std), padded to a common size, with
 a ``pixel_mask [B, H, W]`` that is ``True`` on real pixels.
+
+Initialisation as facebookresearch/detr: query embeddings ``N(0, 1)`` (``nn.Embedding``), the transformer's
+as ``cvjax.models.detection.transformer`` says, the input projection and both heads PyTorch's default
+``nn.Conv2d`` / ``nn.Linear`` init (weights and biases ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``), the backbone
+torchvision's ResNet init (DETR loads ImageNet weights into it).
 """
 
 from __future__ import annotations
@@ -23,10 +28,15 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from cvjax.models import layers
-from cvjax.models import position_encoding
-from cvjax.models import transformer
+from cvjax.models.backbones.resnet import BLOCK_EXPANSION, ResNet
+from cvjax.models.detection import position_encoding, transformer
 from cvjax.models.registry import MODELS
-from cvjax.models.resnet import ResNet
+
+
+def _torch_default_dense(features: int, fan_in: int, name: Optional[str] = None) -> nn.Dense:
+  """``nn.Dense`` initialised as PyTorch's default ``nn.Linear(fan_in, features)``."""
+  return nn.Dense(features, kernel_init=layers.torch_default_kernel_init,
+                  bias_init=layers.torch_default_bias_init(fan_in), name=name)
 
 
 class BoxHead(nn.Module):
@@ -39,7 +49,7 @@ class BoxHead(nn.Module):
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
     for i in range(self.num_layers):
       last = i == self.num_layers - 1
-      x = nn.Dense(4 if last else self.hidden_dim, name=f"layers_{i}")(x)
+      x = _torch_default_dense(4 if last else self.hidden_dim, x.shape[-1], name=f"layers_{i}")(x)
       if not last:
         x = nn.relu(x)
     return nn.sigmoid(x)
@@ -64,6 +74,8 @@ class DETR(nn.Module):
       images (64x64) a usable 8x8 encoder grid.
     backbone_frozen_bn: frozen batch norm as in DETR (whose backbone starts from ImageNet weights); False
       trains the batch norm (``batch_stats``), for backbones trained from scratch.
+    backbone_frozen_stages: with trainable batch norm, the stem and the first N stages keep their batch norm
+      statistics (``ResNet.frozen_stages``), for a backbone part the optimizer freezes.
     dtype: compute dtype of the backbone and input projection (e.g. bfloat16); the transformer and heads
       compute in float32.
   """
@@ -89,6 +101,7 @@ class DETR(nn.Module):
   backbone_layer_impl: str = "auto"
   backbone_stem: str = "imagenet"
   backbone_frozen_bn: bool = True
+  backbone_frozen_stages: int = 0
   dtype: Any = jnp.float32
 
   def _heads(self, hidden: jnp.ndarray) -> Dict[str, jnp.ndarray]:
@@ -101,17 +114,23 @@ class DETR(nn.Module):
         width=self.backbone_width, stem_width=self.backbone_stem_width,
         stage_widths=self.backbone_stage_widths, stride_in_1x1=self.backbone_stride_in_1x1,
         downsample_in_first_stage=self.backbone_downsample_in_first_stage, dilate_last_stage=self.dilation,
-        frozen_bn=self.backbone_frozen_bn, stem=self.backbone_stem, dtype=self.dtype,
-        layer_impl=self.backbone_layer_impl)
+        frozen_bn=self.backbone_frozen_bn, frozen_stages=self.backbone_frozen_stages, stem=self.backbone_stem,
+        dtype=self.dtype, layer_impl=self.backbone_layer_impl)
+    c5_channels = (self.backbone_stage_widths[-1] if self.backbone_stage_widths
+                   else self.backbone_width * 2 ** (len(self.backbone_stage_sizes) - 1)
+                   * BLOCK_EXPANSION[self.backbone_block_type])
     self.input_projection = layers.Conv(self.d_model, 1, padding=0, dtype=self.dtype,
+                                        kernel_init=layers.torch_default_kernel_init,
+                                        bias_init=layers.torch_default_bias_init(c5_channels),
                                         impl=self.backbone_layer_impl)
-    self.query_position_embeddings = nn.Embed(self.num_queries, self.d_model)
+    self.query_position_embeddings = nn.Embed(self.num_queries, self.d_model,
+                                              embedding_init=nn.initializers.normal(1.0))
     settings = dict(num_heads=self.num_heads, ffn_dim=self.ffn_dim, dropout_rate=self.dropout_rate,
                     attention_dropout_rate=self.attention_dropout_rate,
                     activation_dropout_rate=self.activation_dropout_rate)
     self.encoder = transformer.Encoder(num_layers=self.num_encoder_layers, **settings)
     self.decoder = transformer.Decoder(num_layers=self.num_decoder_layers, **settings)
-    self.class_labels_classifier = nn.Dense(self.num_classes + 1)
+    self.class_labels_classifier = _torch_default_dense(self.num_classes + 1, self.d_model)
     self.bbox_predictor = BoxHead(self.d_model)
 
   def __call__(self, images: jnp.ndarray, *, pixel_mask: Optional[jnp.ndarray] = None,

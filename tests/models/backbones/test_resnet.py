@@ -9,7 +9,7 @@ import pytest
 from flax import traverse_util
 
 from cvjax.models import create_model
-from cvjax.models.resnet import ResidualBlock
+from cvjax.models.backbones.resnet import ResidualBlock
 
 RNG = np.random.default_rng(0)
 IMAGES = jnp.asarray(RNG.standard_normal((4, 32, 32, 3), dtype=np.float32))

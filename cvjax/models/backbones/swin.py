@@ -32,7 +32,6 @@ import functools
 from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from cvjax.models.layers import DropPath

@@ -6,10 +6,10 @@ For each of the first ``config.explain.num_images`` examples of ``config.dataset
   ``image_K_rollout.png``  the image, then the attention rollout over all layers (``config.explain.head_fusion``,
                            ``config.explain.discard_ratio``);
 and ``index.json`` with each image's label, prediction and files. It needs a model whose ``__call__`` takes
-``return_attention`` (``cvjax.models.vit.ViT``).
+``return_attention`` (``cvjax.models.backbones.vit.ViT``).
 
-This module builds the trainer's ``Experiment``, so ``cvjax.viz`` does not import it: the drawing functions
-stay importable from below the train loop (``cvjax.evaluation`` draws detections) without a cycle.
+This is a mode of the train loop (it builds the trainer's ``Experiment``), so it lives in ``cvjax.train``; the
+attention maps and drawings it uses come from ``cvjax.viz``, which imports nothing of the loop.
 """
 
 from __future__ import annotations

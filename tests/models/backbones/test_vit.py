@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from cvjax.models import MODELS, create_model
-from cvjax.models.vit import WIDTHS, resize_position_grid
+from cvjax.models.backbones.vit import WIDTHS, resize_position_grid
 
 RNG = np.random.default_rng(0)
 IMAGES = jnp.asarray(RNG.standard_normal((2, 32, 32, 3), dtype=np.float32))

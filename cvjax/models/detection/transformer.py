@@ -8,6 +8,11 @@ q_proj``, ``mlp/fc1``, ``final_layer_norm``) so that ``cvjax.convert`` maps one 
 
 Sequences are ``[B, N, d_model]``; key padding masks are ``[B, N]`` bool, ``True`` on real tokens. Dropout
 draws from the ``dropout`` rng when ``train=True``.
+
+Initialisation as facebookresearch/detr's ``Transformer._reset_parameters``: every weight matrix is
+xavier-uniform -- the q/k/v projections with the bounds of PyTorch's fused ``in_proj_weight [3d, d]``, which
+is what that rule sees -- attention biases are zero (``nn.MultiheadAttention``), the feed-forward biases keep
+PyTorch's default ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``, LayerNorms start at (1, 0).
 """
 
 from __future__ import annotations
@@ -16,12 +21,23 @@ import functools
 from typing import Optional
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
+
+from cvjax.models.layers import torch_default_bias_init
 
 # PyTorch's LayerNorm epsilon (flax defaults to 1e-6).
 LAYER_NORM_EPSILON = 1e-5
 
 _layer_norm = functools.partial(nn.LayerNorm, epsilon=LAYER_NORM_EPSILON)
+
+
+def _fused_qkv_xavier_uniform(key, shape, dtype=jnp.float32):
+  """Xavier-uniform of one of the three ``[d, d]`` blocks of a fused ``[3d, d]`` q/k/v projection: bound
+  ``sqrt(6 / (d + 3d))``, i.e. fan-out three times the block's."""
+  fan_in, fan_out = shape[0], 3 * shape[1]
+  bound = (6.0 / (fan_in + fan_out)) ** 0.5
+  return jax.random.uniform(key, shape, dtype, -bound, bound)
 
 
 def _with_position(x: jnp.ndarray, position: Optional[jnp.ndarray]) -> jnp.ndarray:
@@ -52,7 +68,8 @@ class MultiHeadAttention(nn.Module):
     head_dim = d_model // self.num_heads
 
     def project(x, name):
-      return nn.Dense(d_model, name=name)(x).reshape(*x.shape[:-1], self.num_heads, head_dim)
+      dense = nn.Dense(d_model, kernel_init=_fused_qkv_xavier_uniform, name=name)
+      return dense(x).reshape(*x.shape[:-1], self.num_heads, head_dim)
 
     q = project(query, "q_proj") * head_dim**-0.5
     k = project(key, "k_proj")
@@ -66,7 +83,7 @@ class MultiHeadAttention(nn.Module):
     weights = nn.softmax(logits, axis=-1)
     weights = nn.Dropout(self.dropout_rate, deterministic=not train)(weights)
     out = jnp.einsum("bhqk,bkhc->bqhc", weights, v).reshape(*query.shape[:-1], d_model)
-    return nn.Dense(d_model, name="o_proj")(out)
+    return nn.Dense(d_model, kernel_init=nn.initializers.xavier_uniform(), name="o_proj")(out)
 
 
 class FeedForward(nn.Module):
@@ -76,9 +93,10 @@ class FeedForward(nn.Module):
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
-    y = nn.relu(nn.Dense(self.hidden_dim, name="fc1")(x))
+    dense = functools.partial(nn.Dense, kernel_init=nn.initializers.xavier_uniform())
+    y = nn.relu(dense(self.hidden_dim, bias_init=torch_default_bias_init(x.shape[-1]), name="fc1")(x))
     y = nn.Dropout(self.activation_dropout_rate, deterministic=not train)(y)
-    return nn.Dense(x.shape[-1], name="fc2")(y)
+    return dense(x.shape[-1], bias_init=torch_default_bias_init(self.hidden_dim), name="fc2")(y)
 
 
 class _LayerSettings(nn.Module):

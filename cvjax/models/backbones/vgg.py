@@ -26,8 +26,6 @@ import jax.numpy as jnp
 from cvjax.models import layers
 from cvjax.models.registry import MODELS
 
-# torchvision's VGG init: He-normal over fan_out for convolutions, zero biases.
-conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 # Conv output channels at width 64; "M" is a 2x2 / 2 max-pool. Configurations A, B, D and E of the paper.
 VGG_CHANNELS = {
@@ -92,7 +90,7 @@ class VGG(nn.Module):
         x = layers.max_pool(x, 2, 2, impl=self.layer_impl)
         index += 1
         continue
-      x = layers.Conv(channels * self.width // 64, 3, padding=1, dtype=self.dtype, kernel_init=conv_kernel_init,
+      x = layers.Conv(channels * self.width // 64, 3, padding=1, dtype=self.dtype, kernel_init=layers.conv_kernel_init,
                       impl=self.layer_impl, name=f"features_{index}")(x)
       index += 1
       if self.batch_norm:

@@ -1,17 +1,24 @@
 """DETR's criterion and post-processing against HF transformers' PyTorch implementation (ImageLoss,
-HungarianMatcher, DetrImageProcessor), plus the edge cases a detection batch brings."""
+HungarianMatcher, DetrImageProcessor), plus the edge cases a detection batch brings. Tests that compare with HF
+take the ``hf_loss`` fixture (skipped without transformers); the others run regardless."""
+
+import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cvjax.tasks.detection import CriterionWeights, detr_loss, hungarian_match, postprocess
-
-torch = pytest.importorskip("torch")
-hf_loss = pytest.importorskip("transformers.loss.loss_for_object_detection")
+from cvjax.tasks.detr import CriterionWeights, detr_loss, hungarian_match, postprocess
 
 NUM_CLASSES = 4
+BACKENDS = ("scipy", "jax")
+
+
+@pytest.fixture(scope="module")
+def hf_loss():
+  pytest.importorskip("torch")
+  return pytest.importorskip("transformers.loss.loss_for_object_detection")
 
 
 def _random_case(seed, counts=(0, 2, 5, 3), num_queries=7, max_boxes=5, num_aux=2):
@@ -36,7 +43,9 @@ def _random_case(seed, counts=(0, 2, 5, 3), num_queries=7, max_boxes=5, num_aux=
   return outputs, batch
 
 
-def _hf_criterion(outputs, batch, weights=CriterionWeights()):
+def _hf_criterion(hf_loss, outputs, batch, weights=CriterionWeights()):
+  import torch  # pylint: disable=import-outside-toplevel
+
   matcher = hf_loss.HungarianMatcher(class_cost=weights.class_weight, bbox_cost=weights.bbox_weight,
                                      giou_cost=weights.giou_weight)
   criterion = hf_loss.ImageLoss(matcher=matcher, num_classes=NUM_CLASSES, eos_coef=weights.eos_coef,
@@ -56,28 +65,33 @@ def _hf_criterion(outputs, batch, weights=CriterionWeights()):
   return total, terms
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_loss_matches_hf_image_loss_with_aux_outputs(seed):
+def test_loss_matches_hf_image_loss_with_aux_outputs(seed, backend, hf_loss):
   outputs, batch = _random_case(seed)
-  total, terms = jax.jit(detr_loss)(outputs, batch)
-  hf_total, hf_terms = _hf_criterion(outputs, batch)
+  total, terms = jax.jit(functools.partial(detr_loss, matcher_backend=backend))(outputs, batch)
+  hf_total, hf_terms = _hf_criterion(hf_loss, outputs, batch)
   assert float(total) == pytest.approx(hf_total, rel=1e-5)
   for key in ("loss_ce", "loss_bbox", "loss_giou"):
     assert float(terms[key]) == pytest.approx(hf_terms[key], rel=1e-5), key
   assert float(terms["num_boxes"]) == batch["valid"].sum()
 
 
-def test_loss_with_other_weights_matches_hf():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_loss_with_other_weights_matches_hf(backend, hf_loss):
   outputs, batch = _random_case(3)
   weights = CriterionWeights(class_weight=2.0, bbox_weight=1.0, giou_weight=3.0, eos_coef=0.5)
-  total, _ = detr_loss(outputs, batch, weights)
-  assert float(total) == pytest.approx(_hf_criterion(outputs, batch, weights)[0], rel=1e-5)
+  total, _ = detr_loss(outputs, batch, weights, matcher_backend=backend)
+  assert float(total) == pytest.approx(_hf_criterion(hf_loss, outputs, batch, weights)[0], rel=1e-5)
 
 
-def test_matching_equals_hf_hungarian_matcher():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_matching_equals_hf_hungarian_matcher(backend, hf_loss):
+  import torch  # pylint: disable=import-outside-toplevel
+
   outputs, batch = _random_case(4, counts=(3, 5, 1, 4))
   match = np.asarray(hungarian_match(outputs["pred_logits"], outputs["pred_boxes"], batch["boxes"],
-                                     batch["labels"], batch["valid"]))
+                                     batch["labels"], batch["valid"], backend=backend))
   matcher = hf_loss.HungarianMatcher(class_cost=1, bbox_cost=5, giou_cost=2)
   targets = [{"class_labels": torch.tensor(l[v]).long(), "boxes": torch.tensor(b[v])}
              for b, l, v in zip(batch["boxes"], batch["labels"], batch["valid"])]
@@ -98,7 +112,7 @@ def test_padding_examples_do_not_change_the_loss():
   np.testing.assert_allclose(detr_loss(outputs, masked)[0], detr_loss(sub_outputs, sub_batch)[0], rtol=1e-6)
 
 
-def test_no_objects_anywhere_gives_finite_loss_and_gradients():
+def test_no_objects_anywhere_gives_finite_loss_and_gradients(hf_loss):
   outputs, batch = _random_case(6, counts=(0, 0))
 
   def loss(outputs):
@@ -109,7 +123,7 @@ def test_no_objects_anywhere_gives_finite_loss_and_gradients():
   # Every query is "no object": only the classification term remains, and box heads get no gradient.
   assert all(np.isfinite(g).all() for g in jax.tree.leaves(grads))
   assert float(jnp.abs(grads["pred_boxes"]).max()) == 0.0
-  hf_total, _ = _hf_criterion(outputs, batch)
+  hf_total, _ = _hf_criterion(hf_loss, outputs, batch)
   assert float(value) == pytest.approx(hf_total, rel=1e-5)
 
 
@@ -129,6 +143,7 @@ def test_bad_target_shapes_are_named():
 
 
 def test_postprocess_matches_hf_image_processor():
+  torch = pytest.importorskip("torch")
   transformers = pytest.importorskip("transformers")
   outputs, _ = _random_case(9)
   sizes = np.array([[480, 640], [100, 60], [32, 32], [7, 300]], np.int32)
@@ -144,3 +159,17 @@ def test_postprocess_matches_hf_image_processor():
     np.testing.assert_allclose(ours["scores"][b], result["scores"].numpy(), rtol=1e-6)
     np.testing.assert_array_equal(ours["labels"][b], result["labels"].numpy())
     np.testing.assert_allclose(ours["boxes"][b], result["boxes"].numpy(), rtol=1e-5, atol=1e-4)
+
+
+def test_class_error_counts_no_object_predictions_of_matched_queries_as_wrong():
+  """DETR logs class_error over all K + 1 logits of the matched queries: a matched query whose argmax is
+  "no object" is an error even when its best real class is right."""
+  num_queries = 3
+  logits = np.full((1, num_queries, NUM_CLASSES + 1), -5.0, np.float32)
+  logits[0, 0, 1] = 5.0                          # query 0: class 1, confidently
+  logits[0, 1, 2], logits[0, 1, -1] = 2.0, 6.0   # query 1: best real class 2, but "no object" wins
+  boxes = np.array([[[0.3, 0.3, 0.2, 0.2], [0.7, 0.7, 0.2, 0.2], [0.5, 0.5, 0.1, 0.1]]], np.float32)
+  outputs = {"pred_logits": logits, "pred_boxes": boxes}
+  batch = {"boxes": boxes[:, :2], "labels": np.array([[1, 2]], np.int32), "valid": np.ones((1, 2), bool)}
+  _, terms = detr_loss(outputs, batch)
+  assert float(terms["class_error"]) == pytest.approx(50.0)

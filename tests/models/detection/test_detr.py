@@ -10,8 +10,8 @@ import torch
 from transformers.models.detr.modeling_detr import DetrSinePositionEmbedding
 
 from cvjax.models import create_model
-from cvjax.models import position_encoding
-from cvjax.models import transformer
+from cvjax.models.detection import position_encoding
+from cvjax.models.detection import transformer
 
 
 def _padded_masks(batch, height, width, seed=0):

@@ -18,8 +18,6 @@ import jax.numpy as jnp
 from cvjax.models import layers
 from cvjax.models.registry import MODELS
 
-# torchvision's init: He-normal over fan_out for convolutions.
-conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 BLOCK_EXPANSION = {"basic": 1, "bottleneck": 4}
 # Stem conv (kernel, stride); the ImageNet stem is followed by a 3x3/2 max-pool.
@@ -52,7 +50,7 @@ class ResidualBlock(nn.Module):
   @nn.compact
   def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
     """``[B, H, W, Cin]`` -> ``[B, H / strides, W / strides, features]``."""
-    conv = functools.partial(layers.Conv, use_bias=False, dtype=self.dtype, kernel_init=conv_kernel_init,
+    conv = functools.partial(layers.Conv, use_bias=False, dtype=self.dtype, kernel_init=layers.conv_kernel_init,
                              impl=self.layer_impl)
     norm = functools.partial(layers.batch_norm, train=train, frozen=self.frozen_bn, dtype=self.dtype)
     d = self.dilation
@@ -104,6 +102,10 @@ class ResNet(nn.Module):
     zero_init_last_bn: zero-init the last BN scale of every block (Goyal et al. 2017).
     frozen_bn: ``FrozenBatchNorm`` everywhere (affine and statistics in ``batch_stats``, not in
       ``params``, so no optimizer updates them; train and eval behave the same). For DETR.
+    frozen_stages: with trainable batch norm, the stem and the first ``frozen_stages`` stages normalise with
+      their running statistics in training too and never update them (mmdetection's ``frozen_stages``): a
+      part whose parameters the optimizer freezes (``config.optimizer.freeze``) is then frozen whole, as
+      DETR's frozen batch norm does for its stem and ``layer1``. 0 = none.
     dtype: compute dtype (e.g. ``jnp.bfloat16``); parameters stay float32, logits are returned in float32.
     layer_impl: how convolutions and max-pools run (``layers.conv2d`` / ``layers.max_pool``): ``'xla'`` as
       ``nn.Conv`` / ``nn.max_pool`` do, ``'patches'`` over shifted window views, ``'auto'`` the faster on CPU.
@@ -121,6 +123,7 @@ class ResNet(nn.Module):
   dilate_last_stage: bool = False
   zero_init_last_bn: bool = False
   frozen_bn: bool = False
+  frozen_stages: int = 0
   dtype: Any = jnp.float32
   layer_impl: str = "auto"
 
@@ -148,8 +151,11 @@ class ResNet(nn.Module):
       raise ValueError(f"stem must be one of {sorted(STEM_CONVS)}, got {self.stem!r}")
     kernel, stride = STEM_CONVS[self.stem]
     x = layers.Conv(self.stem_width or self.width, kernel, strides=stride, padding=kernel // 2, use_bias=False,
-                    dtype=self.dtype, kernel_init=conv_kernel_init, impl=self.layer_impl, name="conv1")(x)
-    x = nn.relu(layers.batch_norm(train=train, frozen=self.frozen_bn, dtype=self.dtype, name="bn1")(x))
+                    dtype=self.dtype, kernel_init=layers.conv_kernel_init, impl=self.layer_impl, name="conv1")(x)
+    if not 0 <= self.frozen_stages <= len(self.stage_sizes):
+      raise ValueError(f"frozen_stages must be in [0, {len(self.stage_sizes)}], got {self.frozen_stages}")
+    x = nn.relu(layers.batch_norm(train=train and self.frozen_stages == 0, frozen=self.frozen_bn,
+                                  dtype=self.dtype, name="bn1")(x))
     if self.stem == "imagenet":
       x = layers.max_pool(x, 3, 2, padding=1, impl=self.layer_impl)
 
@@ -168,7 +174,7 @@ class ResNet(nn.Module):
             dilation=first_dilation if block == 0 else dilation, residual=self.residual,
             stride_in_1x1=self.stride_in_1x1, zero_init_last_bn=self.zero_init_last_bn,
             frozen_bn=self.frozen_bn, dtype=self.dtype, layer_impl=self.layer_impl,
-            name=f"layer{stage + 1}_{block}")(x, train=train)
+            name=f"layer{stage + 1}_{block}")(x, train=train and stage >= self.frozen_stages)
       features[f"c{stage + 2}"] = x
     if return_features:
       return features
