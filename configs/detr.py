@@ -34,6 +34,8 @@ which converts it (`cvjax.convert.from_torch_state_dict`, frozen BN) into the ba
 it these presets train the backbone from its random initialisation, far from the paper's results.
 """
 
+from ml_collections.config_dict import placeholder
+
 from cvjax.train.config import base_config, select_preset, tiny_run
 
 COCO_TRAIN_IMAGES = 118_287
@@ -166,17 +168,19 @@ def get_config(arg=None):
   c.dataset.image_size = 64             # letterbox side when `scales` is unset (the CPU shapes presets)
   c.dataset.max_boxes = 100
   # DETR multi-scale training (cvjax/data/detection_transforms.py); None = the pipeline's default.
-  c.dataset.scales = None               # shorter-side choices; set => multi-scale resize instead of letterbox
-  c.dataset.max_size = None             # longer-side cap (1333)
-  c.dataset.eval_scale = None           # shorter side at evaluation (max(scales))
-  c.dataset.crop_prob = None            # probability of DETR's resize-crop branch (0.5)
-  c.dataset.crop_resize_scales = None   # its resize choices (400, 500, 600)
-  c.dataset.crop_size = None            # its crop side range (384, 600)
-  c.dataset.buckets = None              # padded (H, W) shapes; default: 3 sizes per side, multiples of 32
+  # (Typed placeholders, not plain None: ml_collections cannot override a None field from the command line.)
+  c.dataset.scales = placeholder(tuple)               # shorter-side choices; set => multi-scale resize
+  c.dataset.max_size = placeholder(int)               # longer-side cap (1333)
+  c.dataset.eval_scale = placeholder(int)             # shorter side at evaluation (max(scales))
+  c.dataset.crop_prob = placeholder(float)            # probability of DETR's resize-crop branch (0.5)
+  c.dataset.crop_resize_scales = placeholder(tuple)   # its resize choices (400, 500, 600)
+  c.dataset.crop_size = placeholder(tuple)            # its crop side range (384, 600)
+  c.dataset.buckets = placeholder(tuple)              # padded (H, W) shapes; default: 3 x 3 multiples of 32
   # COCO-format folder (dataset.name='coco_folder'): <path>/annotations/instances_<split>.json + <path>/<split>/,
   # or folders={split: (images_dir, annotation_file)}.
-  c.dataset.path = None
-  c.dataset.folders = None
+  c.dataset.path = placeholder(str)
+  c.dataset.folders = None              # {split: (images_dir, annotation_file)}: set it in a config file
+  c.dataset.annotation_file = placeholder(str)   # TFDS coco: evaluate against this instances json instead
   c.model.num_classes = 0               # 0: taken from the dataset
   c.model.num_queries = 100
   c.model.d_model = 256

@@ -106,6 +106,54 @@ def _multiscale_options(dataset_config, task: str) -> dict:
               crop_size=crop_size)
 
 
+_RANDOM_RESIZED_CROP_DEFAULTS = {'crop_scale': (0.08, 1.0), 'crop_ratio': (3.0 / 4.0, 4.0 / 3.0)}
+
+
+def _classification_options(dataset_config, task: str, image_size: int) -> dict:
+  """The paper-augmentation fields of `preprocessing.Options` (scale_range, eval_resize, pca_lighting)."""
+  scale_range = _option(dataset_config, 'scale_range', ())
+  eval_resize = _option(dataset_config, 'eval_resize', 0)
+  pca_lighting = _option(dataset_config, 'pca_lighting', 0.0)
+  if task != 'classification':
+    given = [key for key, value in (('scale_range', scale_range), ('eval_resize', eval_resize),
+                                    ('pca_lighting', pca_lighting)) if value]
+    if given:
+      raise ValueError(f'config.dataset.{given[0]} applies to classification, not {task}')
+    return {}
+  options = {}
+  if scale_range:  # () (what the command line gives for "none") is off too.
+    low, high = _positive_ints(dataset_config, 'scale_range', (), count=2)
+    if not image_size <= low <= high:
+      raise ValueError(f'config.dataset.scale_range must be (low, high) with image_size={image_size} <= low <= '
+                       f'high (the shorter side is resized into [low, high] before an image_size crop), got '
+                       f'{tuple(scale_range)}')
+    for key, default in _RANDOM_RESIZED_CROP_DEFAULTS.items():
+      configured = dataset_config.get(key, None)
+      if configured is not None and tuple(configured) != default:
+        raise ValueError(f'config.dataset.scale_range={(low, high)} replaces the random resized crop, so '
+                         f'config.dataset.{key}={tuple(configured)} would have no effect: drop one of them '
+                         f'(set {key} to None or its default {default})')
+    options['scale_range'] = (low, high)
+  if eval_resize:
+    (eval_resize,) = _positive_ints(dataset_config, 'eval_resize', 0, count=1)
+    if eval_resize < image_size:
+      raise ValueError(f'config.dataset.eval_resize={eval_resize} must be at least image_size={image_size} '
+                       '(the shorter side is resized to it before the central image_size crop)')
+    if dataset_config.get('eval_crop_fraction', None) is not None:
+      raise ValueError(f'config.dataset.eval_resize={eval_resize} replaces the central crop of '
+                       f'config.dataset.eval_crop_fraction={dataset_config.eval_crop_fraction}: set only one')
+    options['eval_resize'] = eval_resize
+  try:
+    pca_lighting = float(pca_lighting)
+  except (TypeError, ValueError):
+    pca_lighting = math.nan
+  if not 0.0 <= pca_lighting < math.inf:
+    raise ValueError(f'config.dataset.pca_lighting must be a non-negative standard deviation (0 = off, AlexNet '
+                     f'0.1), got {dataset_config.get("pca_lighting")!r}')
+  options['pca_lighting'] = pca_lighting
+  return options
+
+
 def _buckets(dataset_config, options: preprocessing.Options) -> tuple[batching.Bucket, ...]:
   """The allowed detection batch shapes, smallest first: S x S when letterboxing."""
   if not options.scales:
@@ -139,6 +187,12 @@ class Pipeline:
     max_boxes (int, dataset default), num_threads (int, 2), prefetch (int, 4 batches),
     for `shapes` only: num_examples ({split: count}), generation_seed (int, 0),
     for `coco_folder` only: path (str), folders ({split: (images_dir, annotation_file)}).
+  Classification, paper augmentation (`preprocessing.classification_image`; unset/None, () or 0 = off):
+    scale_range ((low, high) ints, image_size <= low <= high: shorter side jittered in [low, high], then a
+    random image_size crop, instead of the random resized crop, so crop_scale/crop_ratio must stay unset or
+    default), eval_resize (int >= image_size: shorter side resized to it, then the central image_size crop,
+    instead of eval_crop_fraction, which must then be unset), pca_lighting (float >= 0, AlexNet PCA lighting
+    noise std, e.g. 0.1).
   Detection, DETR multi-scale mode (all unset = letterbox every image to image_size x image_size):
     scales ((int, ...), shorter sides for training, e.g. (480, 512, ..., 800)), max_size (int, 1333, cap on
     the longer side), eval_scale (int, max(scales)), crop_prob (float, 0.5), crop_resize_scales ((int, ...),
@@ -165,15 +219,17 @@ class Pipeline:
     if self._shard[1] <= self._shard[0]:
       raise ValueError(f'dataset {source.name!r} split {source.split!r} has {num} examples, too few for '
                        f'{process_count} processes')
+    image_size = int(_option(dataset_config, 'image_size', source.image_size))
     self.options = preprocessing.Options(
-        image_size=int(_option(dataset_config, 'image_size', source.image_size)),
+        image_size=image_size,
         augment=self._train and bool(_option(dataset_config, 'augment', True)),
         crop_scale=tuple(_option(dataset_config, 'crop_scale', source.crop_scale)),
         crop_ratio=tuple(_option(dataset_config, 'crop_ratio', (3.0 / 4.0, 4.0 / 3.0))),
         flip=bool(_option(dataset_config, 'flip', source.flip)),
         eval_crop_fraction=float(_option(dataset_config, 'eval_crop_fraction', source.eval_crop_fraction)),
         max_boxes=int(_option(dataset_config, 'max_boxes', source.max_boxes)),
-        **_multiscale_options(dataset_config, source.task))
+        **_multiscale_options(dataset_config, source.task),
+        **_classification_options(dataset_config, source.task, image_size))
     self.buckets = _buckets(dataset_config, self.options)
     if process_count > 1:
       # One global array needs one shape on every process, and agreeing on a per-batch bucket would take a

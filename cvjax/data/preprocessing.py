@@ -5,6 +5,10 @@ ImageNet mean/std (the pipeline normalises, models don't). Boxes arrive as norma
 and leave as normalised (cx, cy, w, h) relative to the real (unpadded) image region, as DETR's losses expect.
 Randomness always comes from an explicit `np.random.Generator`.
 
+Classification training crops are either torchvision's random resized crop (the default) or, with
+`Options.scale_range`, the scale augmentation of He et al. 2016 / Simonyan & Zisserman 2015 (shorter side
+jittered, then a random fixed-size crop); `Options.pca_lighting` adds AlexNet's PCA colour noise.
+
 Detection examples are either letterboxed onto a square S x S canvas (`Options.scales` empty, the default) or
 resized DETR-style to their own size (shorter side from `scales`, longer side <= `max_size`; see
 `cvjax.data.detection_transforms`), in which case `cvjax.data.batching` pads each batch to a bucket.
@@ -22,6 +26,14 @@ from cvjax.data import detection_transforms
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
+# AlexNet's "standard colour augmentation" (Krizhevsky et al. 2012, Sec. 4.1) needs the principal components
+# of ImageNet's RGB pixel values; the paper does not publish them. These are fb.resnet.torch's
+# (datasets/imagenet.lua), which later reproductions share: eigenvalues for pixels on the [0, 1] scale, the
+# matching unit eigenvectors as the columns of IMAGENET_PCA_EIGVEC (rows are R, G, B).
+IMAGENET_PCA_EIGVAL = np.array([0.2175, 0.0188, 0.0045], np.float32)
+IMAGENET_PCA_EIGVEC = np.array([[-0.5675, 0.7192, 0.4009],
+                                [-0.5808, -0.0045, -0.8140],
+                                [-0.5836, -0.6948, 0.4203]], np.float32)
 
 
 class ImageDecodeError(ValueError):
@@ -37,9 +49,18 @@ class Options:
     augment: apply training augmentation (the pipeline sets this only for training).
     crop_scale: (low, high) area fraction of the random resized crop (classification).
     crop_ratio: (low, high) aspect ratio (w / h) of the random resized crop (classification).
+    scale_range: classification: None = the random resized crop; (low, high) = scale augmentation instead:
+      the shorter side is resized to an integer drawn uniformly from [low, high] (aspect kept) and an S x S
+      window is cropped at a uniform position (He et al. 2016 use (256, 480); Simonyan & Zisserman 2015 use
+      (256, 512), or (S, S) for a fixed training scale). Needs low >= S; crop_scale/crop_ratio are unused.
     flip: random horizontal flip with probability 1/2 when augmenting.
+    pca_lighting: classification: standard deviation of AlexNet's PCA lighting noise when augmenting (0 = off;
+      the papers use 0.1); see `pca_lighting_shift`.
     eval_crop_fraction: side of the central square crop as a fraction of the shorter image side, used when
       not augmenting (1.0 = whole square image; 0.875 is the usual ImageNet 224/256).
+    eval_resize: classification, not augmenting: None = use eval_crop_fraction; R = resize the shorter side
+      to R (aspect kept), then keep the central S x S window (the usual ImageNet R = 256 for S = 224). Needs
+      R >= S.
     max_boxes: boxes per example after padding/truncation (detection).
     scales: detection: shorter-side sizes drawn from when training (DETR multi-scale); empty = letterbox
       every image to image_size x image_size instead (and the fields below are unused).
@@ -54,8 +75,11 @@ class Options:
   augment: bool = False
   crop_scale: tuple[float, float] = (0.08, 1.0)
   crop_ratio: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0)
+  scale_range: tuple[int, int] | None = None
   flip: bool = True
+  pca_lighting: float = 0.0
   eval_crop_fraction: float = 1.0
+  eval_resize: int | None = None
   max_boxes: int = 100
   scales: tuple[int, ...] = ()
   max_size: int = 1333
@@ -135,21 +159,65 @@ def normalize(image: np.ndarray) -> np.ndarray:
   return (image.astype(np.float32) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
 
 
+def pca_lighting_shift(rng: np.random.Generator, std: float) -> np.ndarray:
+  """AlexNet's PCA lighting noise for one image: the float32 RGB offset [3] added to every pixel.
+
+  `IMAGENET_PCA_EIGVEC @ (alpha * IMAGENET_PCA_EIGVAL)` with `alpha` [3] drawn from N(0, std^2), once per
+  image (Krizhevsky et al. 2012, Sec. 4.1, std 0.1), on the [0, 1] pixel scale, i.e. before normalisation.
+  """
+  alpha = rng.normal(0.0, std, 3).astype(np.float32)
+  return IMAGENET_PCA_EIGVEC @ (alpha * IMAGENET_PCA_EIGVAL)
+
+
+def _resized_window(image: np.ndarray, resized: tuple[int, int], top_left: tuple[int, int],
+                    size: int) -> np.ndarray:
+  """The size x size window at `top_left` = (y0, x0) of uint8 `image` resized (bilinear) to `resized` =
+  (height, width), resampled straight from `image`.
+
+  The same pixels as resizing the whole image and then cropping (up to PIL's rounding, a grey level or two),
+  at the cost of the window only: scale augmentation would otherwise resize every ImageNet image to a shorter
+  side of up to 480 or 512 for one 224 x 224 crop.
+  """
+  h, w = image.shape[:2]
+  sy, sx = h / resized[0], w / resized[1]
+  y0, x0 = top_left
+  return _resize(image, (x0 * sx, y0 * sy, (x0 + size) * sx, (y0 + size) * sy), (size, size))
+
+
 def classification_image(image: np.ndarray, rng: np.random.Generator | None, options: Options) -> np.ndarray:
   """uint8 [H, W, 3] -> normalised float32 [S, S, 3].
 
-  Augmenting: random resized crop + random horizontal flip (if `options.flip`). Otherwise: central crop of
-  `eval_crop_fraction` resized to S (for square inputs and fraction 1: a plain resize).
+  Augmenting (random draws in this order, all from `rng`):
+  1. geometry: with `scale_range` = (lo, hi), the shorter side L ~ U{lo..hi}, the image resized so that its
+     shorter side is L (longer side truncated as torchvision's `Resize(L)`), then the S x S window at
+     y0 ~ U{0..H'-S}, x0 ~ U{0..W'-S}; otherwise a random resized crop (`crop_scale`, `crop_ratio`);
+  2. a horizontal flip with probability 1/2 (if `flip`);
+  3. PCA lighting (if `pca_lighting` > 0): `pca_lighting_shift` added to every pixel before normalisation,
+     unclipped (as fb.resnet.torch, which adds it to the [0, 1] tensor).
+  Not augmenting: with `eval_resize` = R, the shorter side resized to R, then the central S x S window
+  (top-left at ((H'-S) // 2, (W'-S) // 2)); otherwise the central crop of `eval_crop_fraction` resized to S
+  (for square inputs and fraction 1: a plain resize).
   """
   h, w = image.shape[:2]
-  size = (options.image_size, options.image_size)
+  size = options.image_size
   if options.augment:
-    box = random_resized_crop_box(rng, h, w, options.crop_scale, options.crop_ratio)
-    image = _resize(image, box, size)
+    if options.scale_range:
+      low, high = options.scale_range
+      resized = detection_transforms.shorter_side_size(h, w, int(rng.integers(low, high + 1)))
+      top_left = (int(rng.integers(0, resized[0] - size + 1)), int(rng.integers(0, resized[1] - size + 1)))
+      image = _resized_window(image, resized, top_left, size)
+    else:
+      box = random_resized_crop_box(rng, h, w, options.crop_scale, options.crop_ratio)
+      image = _resize(image, box, (size, size))
     if options.flip and rng.random() < 0.5:
       image = image[:, ::-1]
+    if options.pca_lighting:
+      return normalize(image) + pca_lighting_shift(rng, options.pca_lighting) / IMAGENET_STD
+  elif options.eval_resize:
+    resized = detection_transforms.shorter_side_size(h, w, options.eval_resize)
+    image = _resized_window(image, resized, ((resized[0] - size) // 2, (resized[1] - size) // 2), size)
   else:
-    image = _resize(image, central_crop_box(h, w, options.eval_crop_fraction), size)
+    image = _resize(image, central_crop_box(h, w, options.eval_crop_fraction), (size, size))
   return normalize(image)
 
 

@@ -11,6 +11,7 @@ import os
 from typing import Callable, Dict, Optional
 
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -97,6 +98,17 @@ def shapes_classification(c: ml_collections.ConfigDict, image_size: int = 32) ->
   c.dataset.image_size = image_size
   c.dataset.augment = True
   c.dataset.crop_scale = (0.35, 1.0)   # random-resized-crop area range
+
+
+def scale_augmentation_keys(c: ml_collections.ConfigDict) -> None:
+  """Declares the ResNet / VGG papers' ImageNet augmentation keys (``cvjax.data.preprocessing``), unset = off.
+
+  Typed placeholders rather than None, so that the command line can set them (ml_collections cannot override
+  a None field).
+  """
+  c.dataset.scale_range = placeholder(tuple)   # (low, high): shorter side jittered, then a random crop
+  c.dataset.eval_resize = placeholder(int)     # shorter side before the central crop at evaluation
+  c.dataset.pca_lighting = placeholder(float)  # AlexNet PCA lighting noise std
 
 
 def tiny_run(c: ml_collections.ConfigDict) -> None:

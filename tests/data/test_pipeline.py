@@ -1,12 +1,17 @@
 """grain pipelines over small `shapes` splits: batches, sharding, determinism, resume, augmentation."""
 
+import io
 import json
 import logging
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from cvjax.data import create_pipeline, preprocessing, shapes
+from cvjax.data.datasets import DatasetSource
+from cvjax.data.pipeline import Pipeline
+from cvjax.train.config import load_config_file
 
 MEAN, STD = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
 
@@ -195,3 +200,78 @@ def test_task_must_match_shapes_config(shapes_dir, make_config):
 def test_image_size_resizes(shapes_dir, make_config):
   pipe = create_pipeline(make_config(shapes_dir, image_size=24), 'test', False, 0, 1)
   assert pipe.image_shape == (24, 24, 3) and next(pipe.iterator())['image'].shape == (8, 24, 24, 3)
+
+
+def test_paper_augmentation_options_reach_the_examples(shapes_dir, make_config, shapes_records):
+  config = make_config(shapes_dir, scale_range=(32, 48), pca_lighting=0.1, eval_resize=40)
+  train = create_pipeline(config, 'train', True, 0, 1)
+  assert (train.options.scale_range, train.options.pca_lighting, train.options.eval_resize) == ((32, 48), 0.1, 40)
+  assert train.options.augment and next(train.iterator())['image'].shape == (8, 32, 32, 3)
+  # Evaluation: each record's shorter side resized to 40, then the central 32 x 32 (no jitter, no lighting).
+  evaluation = create_pipeline(config, 'validation', False, 0, 1)
+  batch = next(evaluation.iterator())
+  records = shapes_records('classification_32', 'validation')[:8]
+  expected = [preprocessing.classification_image(r['image'], None, evaluation.options) for r in records]
+  np.testing.assert_array_equal(batch['image'], np.stack(expected))
+  plain = next(create_pipeline(make_config(shapes_dir), 'validation', False, 0, 1).iterator())
+  assert not np.allclose(batch['image'], plain['image'])
+
+
+@pytest.mark.parametrize('keys,message', [
+    ({'scale_range': (48, 40)}, r'config.dataset.scale_range must be \(low, high\) with image_size=32 <= low'),
+    ({'scale_range': (16, 40)}, r'config.dataset.scale_range must be \(low, high\) with image_size=32 <= low'),
+    ({'scale_range': (40,)}, r'config.dataset.scale_range must be 2 positive integers'),
+    ({'scale_range': (32, 48), 'crop_scale': (0.35, 1.0)},
+     r'config.dataset.scale_range=\(32, 48\) replaces the random resized crop, so '
+     r'config.dataset.crop_scale=\(0.35, 1.0\) would have no effect'),
+    ({'scale_range': (32, 48), 'crop_ratio': (1.0, 1.0)}, r'config.dataset.crop_ratio=\(1.0, 1.0\) would have'),
+    ({'eval_resize': 16}, r'config.dataset.eval_resize=16 must be at least image_size=32'),
+    ({'eval_resize': 'big'}, r'config.dataset.eval_resize must be a positive integer'),
+    ({'eval_resize': 40, 'eval_crop_fraction': 0.875}, r'config.dataset.eval_resize=40 replaces the central crop '
+                                                       r'of config.dataset.eval_crop_fraction=0.875'),
+    ({'pca_lighting': -0.1}, r'config.dataset.pca_lighting must be a non-negative standard deviation'),
+    ({'pca_lighting': 'strong'}, r'config.dataset.pca_lighting must be a non-negative standard deviation'),
+    ({'task': 'detection', 'config_name': 'detection_32', 'pca_lighting': 0.1},
+     r'config.dataset.pca_lighting applies to classification, not detection'),
+])
+def test_paper_augmentation_bad_values_name_the_key(shapes_dir, make_config, keys, message):
+  with pytest.raises(ValueError, match=message):
+    create_pipeline(make_config(shapes_dir, **keys), 'train', True, 0, 1)
+
+
+def test_paper_augmentation_off_values_and_default_crop_keys_are_accepted(shapes_dir, make_config):
+  # () and 0 are how the command line switches a preset's value off; default crop keys are not a conflict.
+  off = create_pipeline(make_config(shapes_dir, scale_range=(), eval_resize=0, pca_lighting=0.0), 'train', True,
+                        0, 1).options
+  assert (off.scale_range, off.eval_resize, off.pca_lighting) == (None, None, 0.0)
+  config = make_config(shapes_dir, scale_range=(32, 40), crop_scale=(0.08, 1.0), crop_ratio=(3 / 4, 4 / 3))
+  assert create_pipeline(config, 'train', True, 0, 1).options.scale_range == (32, 40)
+
+
+def _png(array):
+  buffer = io.BytesIO()
+  Image.fromarray(array).save(buffer, format='PNG')
+  return buffer.getvalue()
+
+
+@pytest.mark.parametrize('spec,scale_range,pca_lighting,eval_resize', [
+    ('configs/resnet.py:imagenet_r50', (256, 480), 0.1, 256),
+    ('configs/vgg.py:imagenet_vgg16', (256, 512), 0.1, 384),
+    ('configs/vit.py:imagenet_vit_b16', None, 0.0, None),
+    ('configs/swin.py:imagenet_swin_t', None, 0.0, None),
+])
+def test_imagenet_presets_resolve_their_augmentation(spec, scale_range, pca_lighting, eval_resize):
+  # ImageNet is not here: two tiny stand-in records with the registry's imagenet2012 defaults.
+  rng = np.random.default_rng(0)
+  records = [{'image': _png(rng.integers(0, 256, shape, dtype=np.uint8)), 'label': i}
+             for i, shape in enumerate([(30, 40, 3), (50, 20, 3)])]
+  source = DatasetSource(name='imagenet2012', split='train', task='classification', records=records,
+                         parse=dict, class_names=('a', 'b'), image_size=224, eval_crop_fraction=0.875)
+  dataset = load_config_file(spec).dataset
+  for train in (True, False):
+    pipe = Pipeline(source, dataset, batch_size=2, seed=0, train=train)
+    options = pipe.options
+    assert (options.scale_range, options.pca_lighting, options.eval_resize) == (scale_range, pca_lighting,
+                                                                                 eval_resize)
+    assert options.image_size == 224 and options.flip and options.augment == train
+    assert next(pipe.iterator())['image'].shape == (2, 224, 224, 3)
