@@ -1,18 +1,20 @@
-"""Times one DETR train step: cvjax (jitted, state donated) against HF ``DetrForObjectDetection`` (PyTorch eager).
+"""Times one DETR train step: the launcher's (jitted, state donated) against HF ``DetrForObjectDetection``
+(PyTorch eager).
 
 A step is forward + set criterion (Hungarian matching, cross-entropy with eos_coef 0.1, L1 x 5 and
 (1 - GIoU) x 2, on the final and every auxiliary decoder output) + backward + grad-norm clip 0.1 + AdamW
 (lr 1e-4, weight decay 1e-4), in training mode (dropout 0.1), on one batch. As in the original DETR, the
-backbone's stem and first stage are frozen and layer2..layer4 train, on both sides: cvjax with the optimizer of
-``configs/detr.py:coco_r50`` (its ``freeze`` patterns, backbone lr x0.1), dropping the frozen gradients as the
-launcher's train step does; HF as ``torch_step`` explains (``--hf_as_is`` keeps HF's own setting, which
-freezes the whole backbone and so skips its backward). HF computes its loss itself,
-from ``labels`` (its own scipy matcher and ``auxiliary_loss=True``); cvjax's is
-``cvjax.tasks.detection.detr_loss`` (``match_sets`` backend 'auto': scipy on CPU). Both models are the
-same architecture with the same random weights (HF ResNet backbone with frozen batch norm, built from a
-config, nothing downloaded; cvjax's copy through ``cvjax.convert.from_transformers``); parameters and
-optimizer state carry over from step to step on both sides. After warm-up the two take turns, one step each,
-``--steps`` rounds, so that they share whatever load the machine has; each one's median is printed.
+backbone's stem and first stage are frozen and layer2..layer4 train, on both sides. cvjax runs the launcher's
+own train step, ``cvjax.train.trainer.Experiment.train_step`` built from ``configs/detr.py:coco_r50`` (its
+DETR task and criterion, ``match_sets`` backend 'auto' = scipy on CPU, its optimizer with the ``freeze``
+patterns and backbone lr x0.1, frozen gradients dropped, metrics on device), fed through
+``Experiment.global_batch``; HF as ``torch_step`` explains (``--hf_as_is`` keeps HF's own setting, which
+freezes the whole backbone and so skips its backward), computing its loss itself from ``labels`` (its own
+scipy matcher and ``auxiliary_loss=True``). Both models are the same architecture with the same random
+weights (HF ResNet backbone with frozen batch norm, built from a config, nothing downloaded; cvjax's copy
+through ``cvjax.convert.from_transformers``); parameters and optimizer state carry over from step to step on
+both sides. After warm-up the two take turns, one step each, ``--steps`` rounds, so that they share whatever
+load the machine has; each one's median is printed.
 
   python benchmarks/detr_step.py --backbone=r50 --batch=2 --size=256
 
@@ -23,23 +25,20 @@ original DETR, and cvjax, feed the un-normalised one): the two losses differ in 
 from __future__ import annotations
 
 import argparse
-import functools
 import os
 import time
 from typing import Callable, Dict
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 import torch
-from transformers import DetrConfig, DetrForObjectDetection, ResNetConfig
 
-from cvjax.convert import from_transformers
-from cvjax.tasks.detection import detr_loss
-from cvjax.train.initialization import load_config_file
-from cvjax.train.optim import create_optimizer, drop_frozen_gradients, frozen_mask
-from train_step import median_seconds  # benchmarks/ is on sys.path when this file is run
+import _torch_imports  # noqa: F401  (torchvision importable before transformers; benchmarks/ is on sys.path)
+from transformers import DetrConfig, DetrForObjectDetection, ResNetConfig  # noqa: E402
+
+from cvjax.convert import from_transformers  # noqa: E402
+from cvjax.train.config import load_config_file  # noqa: E402
+from train_step import launcher_step, median_seconds  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -64,41 +63,28 @@ def random_targets(rng: np.random.Generator, batch: int, max_boxes: int, num_cla
   return {"boxes": boxes, "labels": labels, "valid": valid}
 
 
-def cvjax_step(module, variables, images: np.ndarray, targets) -> Callable[[], float]:
-  """A closure running one jitted cvjax train step to completion (params and optimizer state donated); it
-  returns the step's loss."""
-  opt = load_config_file(os.path.join(REPO, "configs", "detr.py:coco_r50")).optimizer
+def detr_config(backbone: str, num_queries: int, num_classes: int):
+  """``configs/detr.py:coco_r50`` -- the paper's optimizer (AdamW 1e-4, backbone 1e-5, weight decay 1e-4, clip
+  0.1, frozen stem and layer1) and model -- with the benchmark's query and class counts."""
+  config = load_config_file(os.path.join(REPO, "configs", "detr.py:coco_r50"))
+  opt = config.optimizer
   assert (opt.learning_rate, opt.weight_decay, opt.grad_clip_norm) == (LEARNING_RATE, WEIGHT_DECAY, CLIP_NORM)
-  tx, _ = create_optimizer(opt, total_steps=1000)
-  frozen = frozen_mask(opt, variables["params"])
-  assert any(jax.tree.leaves(frozen)), "configs/detr.py's freeze patterns match no parameter"
-  batch_stats = variables["batch_stats"]  # the backbone's frozen batch norm: never updated
+  with config.unlocked():
+    config.model.update(name=f"detr_resnet{backbone[1:]}", num_queries=num_queries, num_classes=num_classes)
+    config.init.mapping = ()
+    config.progress_bar = False
+  return config
 
-  @functools.partial(jax.jit, donate_argnums=(0, 1))
-  def train_step(params, opt_state, rng, x, pixel_mask, batch):
-    rng, dropout_rng = jax.random.split(rng)
 
-    def loss_fn(p):
-      outputs = module.apply({"params": p, "batch_stats": batch_stats}, x, pixel_mask=pixel_mask, train=True,
-                             rngs={"dropout": dropout_rng})
-      return detr_loss(outputs, batch)[0]
-
-    loss, grads = jax.value_and_grad(loss_fn)(params)
-    grads = drop_frozen_gradients(grads, frozen)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, rng, loss
-
-  x = jnp.asarray(images.transpose(0, 2, 3, 1))
-  pixel_mask = jnp.ones(x.shape[:3], bool)
-  batch = jax.tree_util.tree_map(jnp.asarray, targets)
-  state = [variables["params"], tx.init(variables["params"]), jax.random.PRNGKey(0)]
-
-  def step():
-    params, opt_state, rng, loss = jax.block_until_ready(train_step(*state, x, pixel_mask, batch))
-    state[:] = [params, opt_state, rng]  # the donated buffers are gone: carry the new ones
-    return float(loss)
-
-  return step
+def detection_batch(images: np.ndarray, targets) -> Dict[str, np.ndarray]:
+  """A host batch as the detection pipeline gives it (NHWC images, all pixels real)."""
+  batch_size, _, height, width = images.shape
+  boxes = targets["boxes"]
+  return {"image": images.transpose(0, 2, 3, 1), "pixel_mask": np.ones((batch_size, height, width), bool),
+          "boxes": boxes, "labels": targets["labels"], "valid": targets["valid"],
+          "area": boxes[..., 2] * boxes[..., 3] * height * width, "image_id": np.arange(batch_size, dtype=np.int32),
+          "orig_size": np.tile(np.array([height, width], np.int32), (batch_size, 1)),
+          "mask": np.ones(batch_size, bool)}
 
 
 def torch_step(model, images: np.ndarray, targets, as_is: bool = False) -> Callable[[], float]:
@@ -146,13 +132,17 @@ def main():
   rng = np.random.default_rng(0)
   images = rng.standard_normal((args.batch, 3, args.size, args.size), dtype=np.float32)
   targets = random_targets(rng, args.batch, args.max_boxes, args.num_classes)
+  # Dropout 0.1 everywhere, as the original DETR and configs/detr.py (HF defaults to 0 in attention and FFN).
   config = DetrConfig(use_timm_backbone=False, use_pretrained_backbone=False, backbone_config=BACKBONES[args.backbone],
-                      num_queries=args.queries, num_labels=args.num_classes, auxiliary_loss=True)
+                      num_queries=args.queries, num_labels=args.num_classes, auxiliary_loss=True,
+                      attention_dropout=0.1, activation_dropout=0.1)
   hf_model = DetrForObjectDetection(config)
   module, variables = from_transformers(hf_model)
 
+  del module  # the launcher builds its own from the config; the converted weights fit it leaf for leaf
   start = time.perf_counter()
-  steps = {"cvjax (jit)": cvjax_step(module, variables, images, targets)}
+  steps = {"cvjax (jit)": launcher_step(detr_config(args.backbone, args.queries, args.num_classes), variables,
+                                        detection_batch(images, targets))}
   steps["cvjax (jit)"]()
   compile_seconds = time.perf_counter() - start
   steps["HF pytorch (eager)"] = torch_step(hf_model, images, targets, args.hf_as_is)

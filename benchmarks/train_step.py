@@ -1,9 +1,12 @@
 """Times one ResNet train step on CPU: plain flax layers, cvjax's fast layers, and PyTorch, side by side.
 
-A step is forward + backward + SGD-momentum update on one batch (jitted for JAX, eager for PyTorch). After
-warm-up the implementations take turns, one step each, ``--steps`` rounds, so that they share whatever load
-the machine has; each one's median is printed. The PyTorch model is HF's ``ResNetForImageClassification``
-(torchvision's ResNet, random weights, built from a config); cvjax gets the same weights through
+A step is forward + backward + SGD-momentum update (lr 0.1, momentum 0.9, no weight decay) on one batch. The
+cvjax rows run the launcher's own jitted train step -- ``cvjax.train.trainer.Experiment.train_step`` built
+from ``configs/resnet.py`` (cross-entropy task, optimizer from the config, state donated, metrics on
+device) -- fed the batch through ``Experiment.global_batch``; PyTorch runs an eager step. After warm-up the
+implementations take turns, one step each, ``--steps`` rounds, so that they share whatever load the machine
+has; each one's median is printed. The PyTorch model is HF's ``ResNetForImageClassification`` (torchvision's
+ResNet, random weights, built from a config); cvjax gets the same weights through
 ``cvjax.convert.from_transformers``, so all three run the same network on the same batch.
 
   python benchmarks/train_step.py --model=resnet18 --batch=32 --size=64
@@ -19,19 +22,23 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import tempfile
 import time
 from typing import Callable, Dict
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 import torch
-from transformers import ResNetConfig, ResNetForImageClassification
+
+import _torch_imports  # noqa: F401  (torchvision importable before transformers; benchmarks/ is on sys.path)
+from transformers import ResNetConfig, ResNetForImageClassification  # noqa: E402
 
 from cvjax.convert import from_transformers
 from cvjax.models.backbones import resnet
+from cvjax.train.config import load_config_file
+from cvjax.train.trainer import DataSpec, Experiment
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LEARNING_RATE, MOMENTUM = 0.1, 0.9
 
 
@@ -43,27 +50,37 @@ def hf_config(model: str, num_classes: int) -> ResNetConfig:
                       depths=list(stage_sizes), layer_type=block_type, num_labels=num_classes)
 
 
-def cvjax_step(module, variables, images: np.ndarray, labels: np.ndarray):
-  """A closure running one jitted cvjax train step to completion."""
-  tx = optax.sgd(LEARNING_RATE, momentum=MOMENTUM)
+def resnet_config(model: str, num_classes: int, layer_impl: str):
+  """``configs/resnet.py`` turned into the benchmark's run: the HF model's architecture and PyTorch's SGD."""
+  config = load_config_file(os.path.join(REPO, "configs", "resnet.py"))
+  with config.unlocked():
+    config.model.update(name=model, num_classes=num_classes, stem="imagenet", width=64, layer_impl=layer_impl)
+    config.optimizer.update(name="momentum", learning_rate=LEARNING_RATE, momentum=MOMENTUM, weight_decay=0.0,
+                            schedule="constant", warmup_steps=0)
+    config.progress_bar = False
+  return config
 
-  @jax.jit
-  def train_step(params, batch_stats, opt_state, x, y):
-    def loss_fn(p):
-      logits, updates = module.apply({"params": p, "batch_stats": batch_stats}, x, train=True,
-                                     mutable=["batch_stats"])
-      return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), updates["batch_stats"]
 
-    (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), batch_stats, opt_state, loss
+def launcher_step(config, variables, batch: Dict[str, np.ndarray]) -> Callable[[], float]:
+  """A closure running the launcher's jitted train step (``Experiment.train_step``) to completion on ``batch``
+  (this process's host batch, as the input pipeline would give it), starting from ``variables``; the state it
+  donates is carried from step to step. The closure returns the step's loss."""
+  num_classes = config.model.num_classes
+  data = DataSpec(num_classes=num_classes, class_names=[str(i) for i in range(num_classes)],
+                  example_batch=jax.tree.map(lambda x: x[:1], batch))
+  exp = Experiment(config, tempfile.mkdtemp(prefix="cvjax_bench_"), data=data)
+  state, _ = exp.initial_state()
+  weights = {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
+  state = state.replace(**jax.device_put(weights, {"params": exp.state_sharding.params,
+                                                   "batch_stats": exp.state_sharding.batch_stats}))
+  state = state.replace(opt_state=jax.device_put(exp.tx.init(state.params), exp.state_sharding.opt_state))
+  global_batch = exp.global_batch(batch)
+  holder = [state]
 
-  state = [variables["params"], variables["batch_stats"], tx.init(variables["params"])]
-  x, y = jnp.asarray(images.transpose(0, 2, 3, 1)), jnp.asarray(labels)
-
-  def step():
-    # Parameters are not carried over: every run does the same work on the same inputs.
-    jax.block_until_ready(train_step(*state, x, y))
+  def step() -> float:
+    holder[0], metrics = exp.train_step(holder[0], global_batch)
+    total, count = jax.device_get(metrics["loss"])
+    return float(total) / max(float(count), 1e-12)
 
   return step
 
@@ -117,10 +134,15 @@ def main():
   torch_model = ResNetForImageClassification(hf_config(args.model, args.num_classes))
   module, variables = from_transformers(torch_model)
 
+  del module  # the launcher builds its own from the config; the converted weights fit it leaf for leaf
+  batch = {"image": images.transpose(0, 2, 3, 1), "label": labels.astype(np.int32),
+           "mask": np.ones(len(labels), bool)}
   steps = {}
   if not args.skip_plain:
-    steps["flax, plain layers"] = cvjax_step(module.clone(layer_impl="xla"), variables, images, labels)
-  steps["cvjax, fast layers"] = cvjax_step(module.clone(layer_impl="auto"), variables, images, labels)
+    steps["flax, plain layers"] = launcher_step(resnet_config(args.model, args.num_classes, "xla"), variables,
+                                                batch)
+  steps["cvjax, fast layers"] = launcher_step(resnet_config(args.model, args.num_classes, "auto"), variables,
+                                              batch)
   steps["pytorch (eager)"] = torch_step(torch_model, images, labels)
 
   print(f"{args.model}, batch {args.batch}, {args.size}x{args.size}, {jax.default_backend()} "
