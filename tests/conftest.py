@@ -1,6 +1,5 @@
 """Shared fixtures: the repository root, a session-wide TFDS data_dir, config loading, launcher calls."""
 
-import importlib.util
 import io
 import json
 import os
@@ -16,6 +15,8 @@ from torchvision_cpu import import_torchvision
 
 # Before any test module imports transformers, which imports torchvision whenever it is installed.
 TORCHVISION = import_torchvision()
+
+from cvjax.train.config import load_config_file  # noqa: E402  (after torchvision: cvjax imports its converters)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -34,19 +35,12 @@ def data_dir(tmp_path_factory) -> str:
   return os.environ.get("CVJAX_TEST_DATA_DIR") or str(tmp_path_factory.mktemp("tensorflow_datasets"))
 
 
-def _load(path: Path, preset: str):
-  spec = importlib.util.spec_from_file_location(f"cvjax_config_{path.stem}", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(preset)
-
-
 @pytest.fixture(scope="session")
 def load_config():
   """``load_config('configs/resnet.py', 'tiny', data_dir=..., **overrides)`` -> locked ConfigDict."""
 
   def load(relpath: str, preset: str, **overrides):
-    config = _load(REPO / relpath, preset)
+    config = load_config_file(f"{REPO / relpath}:{preset}")
     for key, value in overrides.items():
       node = config
       *parents, leaf = key.split(".")

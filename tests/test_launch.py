@@ -1,15 +1,24 @@
 """The launcher's code path: every config's tiny preset, eval mode, and the errors a user meets first."""
 
-import importlib.util
 import json
+import math
 import os
+import re
 from pathlib import Path
 
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
 import launch
+from cvjax.data import shapes_render
+from cvjax.tasks import create_task
 from cvjax.train import trainer
-from cvjax.train.initialization import load_config_file
+from cvjax.train.config import config_presets, load_config_file
+from cvjax.train.optim import FROZEN, create_optimizer, parameter_labels
+from cvjax.train.state import TrainState
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted(str(p.relative_to(REPO)) for p in (REPO / "configs").rglob("*.py")
@@ -99,13 +108,63 @@ def test_missing_real_dataset_says_how_to_prepare(load_config, tmp_path):
   assert str(tmp_path) in str(info.value)
 
 
+# Label counts of the datasets presets name, for presets whose model.num_classes is 0 ("from the data").
+DATASET_CLASSES = {"imagenet2012": 1000, "coco": 80, "shapes": len(shapes_render.CLASS_NAMES)}
+
+
+def _example_batch(config):
+  """A zero batch of one image of the size the preset's data gives: the crop side (classification), the largest
+  multi-scale side (DETR on COCO: 800 x 800) or the letterbox side (detection on shapes), with a pixel mask."""
+  scales = config.dataset.get("scales")
+  side = max(scales) if scales else config.dataset.image_size
+  return {"image": np.zeros((1, side, side, 3), np.float32), "pixel_mask": np.ones((1, side, side), bool)}
+
+
 @pytest.mark.parametrize("config_path", CONFIGS)
 def test_every_preset_builds(config_path):
-  """Presets that CI never trains (ImageNet, COCO) still build: a misspelt key in a locked config is an error."""
-  spec = importlib.util.spec_from_file_location("_presets", REPO / config_path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  assert "default" in module.PRESETS and "tiny" in module.PRESETS
-  for preset in module.PRESETS:
+  """Presets that CI never trains (ImageNet, COCO) still build: a misspelt key in a locked config is an error,
+  and the model, its parameters and the optimizer state must exist (abstractly: ``jax.eval_shape``, no data, no
+  compilation), with every freeze / lr-multiplier regex selecting some parameter (one that selects none is a
+  silent no-op)."""
+  presets = config_presets(str(REPO / config_path))
+  assert "default" in presets and "tiny" in presets
+  for preset in presets:
     config = load_config_file(f"{REPO / config_path}:{preset}")
     assert config.preset == preset and config.total_steps > 0 and config.batch_size > 0, preset
+    num_classes = config.model.get("num_classes") or DATASET_CLASSES[config.dataset.name]
+    model = trainer.build_model(config, num_classes)
+    task = create_task(config, num_classes, [f"class_{i}" for i in range(num_classes)])
+    args, kwargs = task.model_inputs(_example_batch(config))
+    tx, _ = create_optimizer(config.optimizer, config.total_steps)
+
+    def init(rng):
+      variables = model.init({"params": rng, "dropout": rng}, *args, train=False, **kwargs)
+      params = variables["params"]
+      return TrainState.create(params=params, batch_stats=variables.get("batch_stats", {}),
+                               opt_state=tx.init(params), rng=rng)
+
+    state = jax.eval_shape(init, jax.random.PRNGKey(0))
+    where = f"{config_path}:{preset}"
+    names = {"/".join(path): leaf for path, leaf in flax.traverse_util.flatten_dict(state.params).items()}
+    assert sum(math.prod(leaf.shape) for leaf in names.values()) > 0, where
+    assert all(jnp.issubdtype(leaf.dtype, jnp.floating) and min(leaf.shape, default=1) > 0
+               for leaf in names.values()), where
+    assert state.step.shape == () and state.step.dtype == jnp.int32, where
+    # The optimizer state fits the parameters: an update of parameter-shaped gradients gives parameter-shaped
+    # updates and an optimizer state of the same structure.
+    updates, opt_state = jax.eval_shape(tx.update, state.params, state.opt_state, state.params)
+    assert jax.tree.structure(updates) == jax.tree.structure(state.params), where
+    assert all(jax.tree.leaves(jax.tree.map(lambda u, p: (u.shape, u.dtype) == (p.shape, p.dtype), updates,
+                                            state.params))), where
+    assert jax.tree.structure(opt_state) == jax.tree.structure(state.opt_state), where
+    # A freeze regex must name parameters, or else only batch_stats: a frozen batch norm (DETR's COCO presets'
+    # 'backbone/bn1/.*', trainable in its shapes presets) has no parameters, so freezing it is moot, not a typo.
+    buffers = ["/".join(path) for path in flax.traverse_util.flatten_dict(state.batch_stats)]
+    for pattern in config.optimizer.freeze:
+      assert any(re.fullmatch(pattern, name) for name in [*names, *buffers]), \
+          f"{where}: freeze {pattern!r} matches no variable"
+    multipliers = [(str(p), float(m)) for p, m in config.optimizer.lr_multipliers]
+    labels = set(jax.tree.leaves(parameter_labels(state.params, multipliers, list(config.optimizer.freeze))))
+    for pattern, _ in multipliers:  # first match wins and freezing comes first: a pattern can be shadowed
+      assert pattern in labels, f"{where}: lr multiplier {pattern!r} applies to no (unfrozen) parameter"
+    assert (FROZEN in labels) == bool(config.optimizer.freeze), where

@@ -1,12 +1,15 @@
 """Detection losses as pure jnp functions: focal, dice, GIoU, smooth-L1 and class-weighted cross-entropy.
 
 Each follows a named reference (torchvision / PyTorch / DETR) including its default ``reduction``; ``'none'``
-returns the elementwise (or per-row) loss, ``'mean'`` and ``'sum'`` reduce over all of it. All are jit-able,
+returns the elementwise (or per-row) loss, ``'mean'`` and ``'sum'`` reduce over all of it. ``'mean'`` over
+zero elements (no boxes, no masks: an image without objects) is 0 with a zero gradient, not NaN, as in
+torchvision's ``generalized_box_iou_loss`` (PyTorch's own ``mean`` of an empty tensor is NaN). All are jit-able,
 vmap-able and differentiable with stable log-space formulations.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import jax
@@ -21,7 +24,9 @@ def _reduce(loss: jnp.ndarray, reduction: str) -> jnp.ndarray:
   if reduction == "none":
     return loss
   if reduction == "mean":
-    return loss.mean()
+    # Shapes are static, so this is a trace-time branch: the empty sum is an exact 0 whose gradient is zero,
+    # where mean() would divide it by 0 (NaN, poisoning a total loss that adds it).
+    return loss.mean() if loss.size else loss.sum()
   if reduction == "sum":
     return loss.sum()
   raise ValueError(f"reduction must be one of {REDUCTIONS}; got {reduction!r}")
@@ -45,7 +50,8 @@ def sigmoid_focal_loss(logits: jnp.ndarray, targets: jnp.ndarray, alpha: float =
     targets: same shape, binary labels (soft labels in [0, 1] also work).
     alpha: positive-class weight in [0, 1], or negative for none.
     gamma: focusing exponent >= 0.
-    reduction: ``'none'`` (default, as torchvision), ``'mean'`` or ``'sum'``.
+    reduction: ``'none'`` (default, as torchvision), ``'mean'`` (0 for empty inputs, where torchvision gives
+      NaN) or ``'sum'``.
   """
   _same_shape(logits, targets, "logits and targets")
   logits = jnp.asarray(logits)
@@ -74,14 +80,15 @@ def dice_loss(inputs: jnp.ndarray, targets: jnp.ndarray, from_logits: bool = Tru
     from_logits: whether ``inputs`` are logits.
     smooth: additive smoothing of numerator and denominator (DETR: 1).
     reduction: ``'none'`` -> ``[N]`` (default), ``'mean'`` or ``'sum'`` over masks; DETR's value is
-      ``dice_loss(..., reduction='sum') / num_boxes``.
+      ``dice_loss(..., reduction='sum') / num_boxes``. ``N = 0`` gives ``[0]``, and 0 for ``'mean'``.
   """
   _same_shape(inputs, targets, "inputs and targets")
   inputs = jnp.asarray(inputs)
   if inputs.ndim < 1:
     raise ValueError("inputs must have shape [N, ...]; got a scalar")
   probs = jax.nn.sigmoid(inputs) if from_logits else inputs
-  probs = probs.reshape(probs.shape[0], -1)
+  # The row size spelled out: reshape(0, -1) cannot infer it when N = 0.
+  probs = probs.reshape(probs.shape[0], math.prod(probs.shape[1:]))
   targets = jnp.asarray(targets, probs.dtype).reshape(probs.shape)
   numerator = 2 * (probs * targets).sum(axis=-1)
   denominator = probs.sum(axis=-1) + targets.sum(axis=-1)
@@ -94,6 +101,7 @@ def giou_loss(boxes1: jnp.ndarray, boxes2: jnp.ndarray, reduction: str = "none",
 
   Values lie in [0, 2]. Denominators are floored at ``eps`` (see cvjax.ops.boxes); torchvision instead adds
   its ``eps=1e-7`` to them, a relative difference of about ``eps / area`` on non-degenerate boxes.
+  ``reduction='mean'`` of no boxes (``[0, 4]``) is 0, as in torchvision.
   """
   return _reduce(1 - elementwise_generalized_box_iou(boxes1, boxes2, eps=eps), reduction)
 
@@ -103,7 +111,7 @@ def smooth_l1_loss(inputs: jnp.ndarray, targets: jnp.ndarray, beta: float = 1.0,
   """Huber-style smooth L1 (``torch.nn.functional.smooth_l1_loss``), elementwise on any shape.
 
   ``0.5 * d**2 / beta`` where ``|d| < beta``, else ``|d| - 0.5 * beta``; ``beta = 0`` is exactly L1.
-  Default reduction ``'mean'`` as in PyTorch.
+  Default reduction ``'mean'`` as in PyTorch, except that the mean of empty inputs is 0 (PyTorch: NaN).
   """
   _same_shape(inputs, targets, "inputs and targets")
   if beta < 0:

@@ -138,21 +138,29 @@ def select_preset(presets: Dict[str, Callable[[ml_collections.ConfigDict], None]
   return config
 
 
-def load_config_file(spec: str) -> ml_collections.ConfigDict:
-  """``'configs/resnet.py:preset'`` -> that file's ``get_config(preset)``, locked.
+def _config_module(path: str):
+  """The Python module of config file ``path`` (relative to the working directory, else to the repository
+  root, so a pretrain config named in a preset resolves wherever the launcher runs)."""
+  candidates = [path, os.path.join(REPO_ROOT, path)]
+  found = next((p for p in candidates if os.path.isfile(p)), None)
+  if found is None:
+    raise FileNotFoundError(f"config file {path!r} not found; looked in {candidates}")
+  module_spec = importlib.util.spec_from_file_location(f"_cvjax_config_{abs(hash(found))}", found)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module
 
-  The path is relative to the working directory, else to the repository root (so a pretrain config named in
-  a preset resolves wherever the launcher runs).
+
+def load_config_file(spec: str) -> ml_collections.ConfigDict:
+  """``'configs/resnet.py:preset'`` -> that file's ``get_config(preset)``, locked (no preset: 'default').
 
   Raises:
     FileNotFoundError: naming the places looked in.
   """
   path, _, preset = spec.partition(":")
-  candidates = [path, os.path.join(REPO_ROOT, path)]
-  found = next((p for p in candidates if os.path.isfile(p)), None)
-  if found is None:
-    raise FileNotFoundError(f"config file {path!r} (from {spec!r}) not found; looked in {candidates}")
-  module_spec = importlib.util.spec_from_file_location(f"_cvjax_config_{abs(hash(found))}", found)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  return module.get_config(preset or None)
+  return _config_module(path).get_config(preset or None)
+
+
+def config_presets(path: str) -> list[str]:
+  """The preset names of config file ``path`` (its ``PRESETS``), sorted."""
+  return sorted(_config_module(path).PRESETS)

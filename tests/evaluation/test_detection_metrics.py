@@ -108,7 +108,6 @@ def test_nothing_to_evaluate_gives_zeros():
 
 
 def test_drawings_of_kept_images(tmp_path):
-  pytest.importorskip("cvjax.viz.detection")
   outputs = _perfect()
   image = np.random.default_rng(0).normal(size=(2, 32, 40, 3)).astype(np.float32)
   pixel_mask = np.zeros((2, 32, 40), bool)

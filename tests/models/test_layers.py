@@ -1,4 +1,7 @@
-"""cvjax.models.layers: the fast Conv against nn.Conv, frozen BN, and pooling against PyTorch."""
+"""cvjax.models.layers: the fast conv / pool paths forced on (so on every backend) against lax and flax, what
+'auto' picks per backend, frozen BN, and pooling against PyTorch."""
+
+import functools
 
 import flax.linen as nn
 import jax
@@ -17,17 +20,94 @@ def _random_like(tree):
   return jax.tree_util.tree_map(lambda leaf: jnp.asarray(RNG.standard_normal(leaf.shape), jnp.float32), tree)
 
 
-def _conv_outputs_and_gradients(x, features, kernel_size, **conv_kwargs):
-  """Outputs and gradients (w.r.t. input and params) of nn.Conv and of cvjax's Conv impls, shared params."""
+# (kernel_size, strides, padding, dilation, input hw, output hw). Output maps of at most
+# PATCHES_MAX_OUTPUT_PIXELS (16, where 'auto' takes patches on CPU) and larger ones (where it does not, but a
+# forced 'patches' must be just as right), 1x1 kernels on both sides of it.
+CONV_CASES = {
+    "3x3 out 2x2": (3, 1, 1, 1, (2, 2), (2, 2)),
+    "3x3 out 4x4": (3, 1, 1, 1, (4, 4), (4, 4)),
+    "3x3 out 9x7": (3, 1, 1, 1, (9, 7), (9, 7)),
+    "3x3 stride 2 out 3x4": (3, 2, 1, 1, (6, 7), (3, 4)),
+    "3x3 stride 2 SAME out 6x6": (3, 2, "SAME", 1, (11, 11), (6, 6)),
+    "3x3 VALID out 3x4": (3, 1, "VALID", 1, (5, 6), (3, 4)),
+    "3x3 asymmetric pads out 4x5": (3, 1, ((2, 0), (1, 2)), 1, (4, 4), (4, 5)),
+    "3x3 dilation 2 out 3x3": (3, 2, 2, 2, (6, 6), (3, 3)),
+    "3x3 dilation 2 out 5x5": (3, 1, 2, 2, (5, 5), (5, 5)),
+    "3x3 dilation 2 SAME out 6x6": (3, 1, "SAME", 2, (6, 6), (6, 6)),
+    "1x1 stride 2 out 3x3": (1, 2, 0, 1, (5, 5), (3, 3)),
+    "1x1 out 8x8": (1, 1, 0, 1, (8, 8), (8, 8)),
+    "1x1 stride 2 out 6x6": (1, 2, 0, 1, (12, 11), (6, 6)),
+    "7x7 stride 2 out 5x5": (7, 2, 3, 1, (9, 9), (5, 5)),
+    "3x1 stride (2, 1) out 2x5": ((3, 1), (2, 1), ((1, 1), (0, 0)), 1, (4, 5), (2, 5)),
+}
+
+
+def _pair(value):
+  """An int or (h, w) argument (kernel size, stride, dilation) as (h, w)."""
+  return (value, value) if isinstance(value, int) else tuple(value)
+
+
+def test_conv_cases_cover_tiny_and_large_outputs_of_spatial_and_1x1_kernels():
+  tiny = {(_pair(k) == (1, 1), out[0] * out[1] <= layers.PATCHES_MAX_OUTPUT_PIXELS)
+          for k, _, _, _, _, out in CONV_CASES.values()}
+  assert tiny == {(False, True), (False, False), (True, True), (True, False)}
+
+
+def _lax_conv(x, kernel, strides, padding, dilation):
+  """The reference: lax.conv_general_dilated with conv2d's arguments in lax's spelling."""
+  if isinstance(padding, int):
+    padding = ((padding, padding), (padding, padding))
+  return jax.lax.conv_general_dilated(x, kernel, _pair(strides), padding, rhs_dilation=_pair(dilation),
+                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+@pytest.mark.parametrize("case", sorted(CONV_CASES))
+def test_conv2d_patches_equals_lax_conv_including_gradients(case):
+  kernel_size, strides, padding, dilation, hw, out_hw = CONV_CASES[case]
+  x = jnp.asarray(RNG.standard_normal((2, *hw, 5)), jnp.float32)
+  kernel = jnp.asarray(RNG.standard_normal((*_pair(kernel_size), 5, 6)), jnp.float32)
+  cotangent = jnp.asarray(RNG.standard_normal((2, *out_hw, 6)), jnp.float32)
+  args = dict(strides=strides, padding=padding, dilation=dilation)
+  functions = {"lax": functools.partial(_lax_conv, **args),
+               "patches": functools.partial(layers.conv2d, impl="patches", **args),
+               "xla": functools.partial(layers.conv2d, impl="xla", **args)}
+  # Forced 'patches' is im2col + matmul on every backend, forward and backward: no convolution primitive.
+  patches_jaxpr = str(jax.make_jaxpr(lambda a, b: jax.vjp(functions["patches"], a, b)[1](cotangent))(x, kernel))
+  assert "conv_general_dilated" not in patches_jaxpr and "dot_general" in patches_jaxpr
+
+  @jax.jit  # one compilation for all three
+  def run(inputs, weights):
+    results = {}
+    for name, fn in functions.items():
+      y, vjp = jax.vjp(fn, inputs, weights)
+      results[name] = (y, *vjp(cotangent))
+    return results
+
+  with jax.default_matmul_precision("highest"):  # GPUs would otherwise run either side in TF32
+    results = run(x, kernel)
+  y_ref, dx_ref, dkernel_ref = results.pop("lax")
+  assert y_ref.shape == (2, *out_hw, 6)
+  for impl, (y, dx, dkernel) in results.items():
+    np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5, err_msg=impl)
+    np.testing.assert_allclose(dx, dx_ref, rtol=1e-5, atol=1e-5, err_msg=f"{impl} dx")
+    np.testing.assert_allclose(dkernel, dkernel_ref, rtol=1e-5, atol=1e-5, err_msg=f"{impl} dkernel")
+
+
+@pytest.mark.parametrize("case", ["3x3 out 4x4", "3x3 stride 2 SAME out 6x6", "1x1 out 8x8",
+                                  "3x1 stride (2, 1) out 2x5"])
+def test_conv_module_equals_nn_conv_including_gradients(case):
+  """``Conv`` with each forced impl against ``nn.Conv`` with shared params: output, d input, d kernel, d bias."""
+  kernel_size, strides, padding, dilation, hw, _ = CONV_CASES[case]
+  x = jnp.asarray(RNG.standard_normal((2, *hw, 5)), jnp.float32)
+  kwargs = dict(strides=strides, padding=padding, kernel_dilation=dilation)
   # nn.Conv reads an int kernel_size as a 1-D convolution; ours as a square one.
-  square = (kernel_size, kernel_size) if isinstance(kernel_size, int) else kernel_size
-  modules = {"nn.Conv": nn.Conv(features, square, **conv_kwargs)}
-  for impl in ("patches", "auto"):
-    modules[impl] = layers.Conv(features, kernel_size, impl=impl, **conv_kwargs)
+  modules = {"nn.Conv": nn.Conv(6, _pair(kernel_size), **kwargs)}
+  for impl in ("patches", "xla"):
+    modules[impl] = layers.Conv(6, kernel_size, impl=impl, **kwargs)
   params = _random_like(jax.eval_shape(modules["nn.Conv"].init, jax.random.PRNGKey(1), x))
   cotangent = _random_like(jax.eval_shape(modules["nn.Conv"].apply, params, x))
 
-  @jax.jit  # one compilation for all three
+  @jax.jit
   def run(p, inputs):
     results = {}
     for name, module in modules.items():
@@ -35,24 +115,8 @@ def _conv_outputs_and_gradients(x, features, kernel_size, **conv_kwargs):
       results[name] = (y, vjp(cotangent))
     return results
 
-  return run(params, x)
-
-
-@pytest.mark.parametrize("kernel_size,strides,padding,dilation,hw", [
-    (3, 1, 1, 1, (5, 5)),
-    (3, 2, 1, 1, (6, 7)),
-    (3, 2, "SAME", 1, (6, 6)),
-    (3, 1, ((2, 0), (1, 2)), 1, (4, 4)),
-    (3, 1, 2, 2, (5, 5)),
-    (1, 2, 0, 1, (5, 5)),
-    (1, 1, 0, 1, (3, 3)),
-    (7, 2, 3, 1, (9, 9)),
-    ((3, 1), (2, 1), ((1, 1), (0, 0)), 1, (4, 5)),
-])
-def test_conv_equals_nn_conv_including_gradients(kernel_size, strides, padding, dilation, hw):
-  x = jnp.asarray(RNG.standard_normal((2, *hw, 5)), jnp.float32)
-  results = _conv_outputs_and_gradients(x, 6, kernel_size, strides=strides, padding=padding,
-                                        kernel_dilation=dilation)
+  with jax.default_matmul_precision("highest"):
+    results = run(params, x)
   (y_ref, (dparams_ref, dx_ref)) = results.pop("nn.Conv")
   for impl, (y, (dparams, dx)) in results.items():
     np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5, err_msg=impl)
@@ -71,11 +135,31 @@ def test_conv_keeps_nn_conv_variable_layout_and_dtype_policy():
   assert jax.eval_shape(ours.apply, variables, x).dtype == jnp.bfloat16
 
 
-def test_auto_rule_uses_matmul_only_for_tiny_maps_and_pointwise_kernels():
-  assert jax.default_backend() == "cpu"
-  assert layers.conv_uses_patches((2, 2), (3, 3))
-  assert layers.conv_uses_patches((56, 56), (1, 1))
+@pytest.mark.parametrize("backend", ["cpu", "gpu", "tpu"])
+def test_auto_takes_patches_only_on_cpu_for_tiny_maps_and_1x1_kernels(backend, monkeypatch):
+  """What 'auto' picks, whatever backend the suite runs on: the rule, and conv2d / Conv / max_pool following it."""
+  monkeypatch.setattr(jax, "default_backend", lambda: backend)
+  on_cpu = backend == "cpu"
+  assert layers.conv_uses_patches((2, 2), (3, 3)) == on_cpu
+  assert layers.conv_uses_patches((4, 4), (3, 3)) == on_cpu  # exactly PATCHES_MAX_OUTPUT_PIXELS
+  assert layers.conv_uses_patches((56, 56), (1, 1)) == on_cpu
+  assert not layers.conv_uses_patches((4, 5), (3, 3))
   assert not layers.conv_uses_patches((32, 32), (3, 3))
+  for case, (kernel_size, strides, padding, dilation, hw, out_hw) in CONV_CASES.items():
+    x, kernel = jnp.zeros((1, *hw, 2)), jnp.zeros((*_pair(kernel_size), 2, 3))
+    jaxpr = str(jax.make_jaxpr(functools.partial(layers.conv2d, strides=strides, padding=padding,
+                                                 dilation=dilation))(x, kernel))
+    expected = on_cpu and (_pair(kernel_size) == (1, 1)
+                           or out_hw[0] * out_hw[1] <= layers.PATCHES_MAX_OUTPUT_PIXELS)
+    assert layers.conv_uses_patches(out_hw, _pair(kernel_size)) == expected, case
+    assert ("conv_general_dilated" not in jaxpr) == expected, case
+  module = layers.Conv(3, 3, padding=1)  # impl='auto' is the default
+  x = jnp.zeros((1, 2, 2, 2))
+  jaxpr = str(jax.make_jaxpr(module.apply)(jax.eval_shape(module.init, jax.random.PRNGKey(0), x), x))
+  assert ("conv_general_dilated" not in jaxpr) == on_cpu
+  x = jnp.zeros((1, 8, 8, 2))
+  pool_jaxpr = str(jax.make_jaxpr(jax.grad(lambda v: layers.max_pool(v, 3, 2, 1).sum()))(x))
+  assert ("reduce_window_max" not in pool_jaxpr and "select_and_scatter" not in pool_jaxpr) == on_cpu
 
 
 def test_conv_rejects_bad_input():
@@ -108,8 +192,32 @@ def test_adaptive_avg_pool_matches_torch(in_hw, output_size):
                              expected.numpy().transpose(0, 2, 3, 1), rtol=1e-5, atol=1e-6)
 
 
+# (window, stride, padding, input hw): outputs of 4x4, 2x2, 3x3, then larger ones (8x8, 6x5, 9x9).
+POOL_CASES = [(3, 2, 1, (7, 8)), (2, 2, 0, (5, 5)), (3, 2, 0, (7, 7)), (3, 2, 1, (16, 16)), (2, 2, 0, (12, 11)),
+              (3, 1, 1, (9, 9))]
+
+
+@pytest.mark.parametrize("window,stride,padding,hw", POOL_CASES)
+def test_max_pool_patches_equals_nn_max_pool_including_gradient(window, stride, padding, hw):
+  # Continuous values (no ties, so any correct gradient routing agrees) of both signs: -inf padding matters.
+  x = jnp.asarray(RNG.standard_normal((2, *hw, 3)), jnp.float32)
+  pads = ((padding, padding), (padding, padding))
+  reference = lambda v: nn.max_pool(v, (window, window), (stride, stride), pads)
+  patches = lambda v: layers.max_pool(v, window, stride, padding, impl="patches")
+  cotangent = _random_like(jax.eval_shape(reference, x))
+  assert "reduce_window" not in str(jax.make_jaxpr(lambda v: jax.vjp(patches, v)[1](cotangent))(x))
+
+  @jax.jit
+  def run(inputs):
+    return [(y, *vjp(cotangent)) for y, vjp in (jax.vjp(fn, inputs) for fn in (reference, patches))]
+
+  (y_ref, dx_ref), (y, dx) = run(x)
+  np.testing.assert_array_equal(y, y_ref)
+  np.testing.assert_array_equal(dx, dx_ref)
+
+
 @pytest.mark.parametrize("impl", ["xla", "patches"])
-@pytest.mark.parametrize("window,stride,padding,hw", [(3, 2, 1, (7, 8)), (2, 2, 0, (5, 5)), (3, 2, 0, (7, 7))])
+@pytest.mark.parametrize("window,stride,padding,hw", POOL_CASES[:4])
 def test_max_pool_and_its_gradient_match_torch(window, stride, padding, hw, impl):
   # All-negative inputs: a zero-padded max-pool would be caught returning 0 at the borders. Values on a
   # coarse grid tie inside windows: the gradient must go to the first maximum, as in PyTorch.

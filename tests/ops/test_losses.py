@@ -69,7 +69,7 @@ def torch_dice(inputs, targets, from_logits, reduction):
 
 
 @pytest.mark.parametrize("from_logits", [True, False])
-@pytest.mark.parametrize("reduction", ["none", "sum"])
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
 def test_dice_loss(from_logits, reduction):
   rng = np.random.default_rng(1)
   inputs = rng.normal(0, 2, (3, 5, 4)) if from_logits else rng.random((3, 5, 4))
@@ -89,7 +89,7 @@ def torch_giou_loss(boxes1, boxes2, reduction, eps=1e-7):
   return TORCH_REDUCE[reduction](1 - giou)
 
 
-@pytest.mark.parametrize("reduction", ["none", "mean"])
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
 def test_giou_loss(reduction):
   rng = np.random.default_rng(2)
   xy1, xy2 = rng.uniform(0, 10, (2, 8, 2))
@@ -109,6 +109,52 @@ def test_smooth_l1_loss(beta, reduction):
   inputs[0, 0] = targets[0, 0]  # d = 0: the L1 (beta = 0) subgradient there is 0 in both
   assert_matches_torch(lambda x, t: L.smooth_l1_loss(x, t, beta, reduction),
                        lambda x, t: F.smooth_l1_loss(x, t, beta=beta, reduction=reduction), inputs, targets)
+
+
+# Each loss on inputs with no elements: (loss(inputs, targets, reduction), a non-empty input, its target), where
+# the loss is taken of the first 0 rows. Boxes [0, 4] are an image without objects; masks [0, H, W] one
+# without instances.
+EMPTY_CASES = {
+    "sigmoid_focal_loss": (lambda x, t, r: L.sigmoid_focal_loss(x, t, reduction=r), np.ones((3, 5)),
+                           np.ones((3, 5))),
+    "dice_loss": (lambda x, t, r: L.dice_loss(x, t, reduction=r), np.ones((3, 4, 4)), np.ones((3, 4, 4))),
+    "giou_loss": (lambda x, t, r: L.giou_loss(x, t, reduction=r), np.array([[0.0, 0.0, 2.0, 3.0]] * 3),
+                  np.array([[1.0, 1.0, 4.0, 4.0]] * 3)),
+    "smooth_l1_loss": (lambda x, t, r: L.smooth_l1_loss(x, t, reduction=r), np.ones((3, 4)), np.zeros((3, 4))),
+}
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("name", sorted(EMPTY_CASES))
+def test_reduced_loss_of_empty_inputs_is_zero_with_zero_gradient(name, reduction):
+  loss_fn, inputs, targets = EMPTY_CASES[name]
+  inputs, targets = jnp.asarray(inputs, jnp.float32), jnp.asarray(targets, jnp.float32)
+
+  # The empty loss added to a non-empty one, as in a detection total: a NaN there would poison the sum.
+  def total(x):
+    return loss_fn(x[:0], targets[:0], reduction) + loss_fn(x, targets, reduction)
+
+  value, grad = jax.jit(jax.value_and_grad(total))(inputs)
+  expected_grad = jax.grad(lambda x: loss_fn(x, targets, reduction))(inputs)
+  np.testing.assert_allclose(value, loss_fn(inputs, targets, reduction), rtol=1e-6)
+  np.testing.assert_allclose(grad, expected_grad, rtol=1e-6)  # the empty term adds nothing, not NaN
+
+  empty_value, empty_grad = jax.jit(jax.value_and_grad(lambda x: loss_fn(x[:0], targets[:0], reduction)))(inputs)
+  assert empty_value.shape == () and float(empty_value) == 0.0
+  assert empty_grad.shape == inputs.shape and (np.asarray(empty_grad) == 0).all()
+  # vmap over images that have no boxes / masks: one 0 per image.
+  batched = jax.jit(jax.vmap(lambda x, t: loss_fn(x, t, reduction)))(
+      jnp.zeros((2, 0, *inputs.shape[1:])), jnp.zeros((2, 0, *targets.shape[1:])))
+  np.testing.assert_array_equal(batched, np.zeros(2, np.float32))
+
+
+@pytest.mark.parametrize("name", sorted(EMPTY_CASES))
+def test_unreduced_loss_of_empty_inputs_is_empty(name):
+  loss_fn, inputs, targets = EMPTY_CASES[name]
+  out = jax.jit(lambda x, t: loss_fn(x, t, "none"))(jnp.asarray(inputs[:0]), jnp.asarray(targets[:0]))
+  # Row losses (dice: [N]; giou: [N] of [N, 4]) or elementwise ones (focal, smooth L1): [0, ...] either way.
+  expected_shape = inputs[:0].shape[:1] if name in ("dice_loss", "giou_loss") else inputs[:0].shape
+  assert out.shape == expected_shape
 
 
 def test_smooth_l1_rejects_negative_beta():

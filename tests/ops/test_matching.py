@@ -1,5 +1,7 @@
 """cvjax.ops.matching against scipy.optimize.linear_sum_assignment (optimal totals, never tie-dependent indices)."""
 
+import zlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -21,16 +23,40 @@ def stand_in_costs(cost, num_rows):
   return np.where(np.isnan(cost) | (cost == np.inf), hi + big, np.where(cost == -np.inf, lo - big, cost))
 
 
-def assert_optimal_assignment(cost, rows, cols, maximize=False):
-  """A valid scipy-shaped answer whose total matches scipy's optimum to 1e-4 relative."""
+def optimality_tolerance(cost, dtype=np.float32):
+  """The most an exact solver working in ``dtype`` may miss the optimal total by: 4 roundings at ``dtype``'s
+  epsilon of each of its ``n`` matched reduced costs -- kept within the finite costs' spread, as the solver
+  starts each row's potential at its minimum (cvjax.ops.matching) -- plus float64 summation noise. It scales
+  with the spread, not the magnitude: 6e-4 for ``huge_offset`` at 25 x 25 (1e6 + steps of 0.5, totals 2.5e7),
+  where one wrong swap costs 0.5 or more; the former ``rtol=1e-4`` let anything under 2,500 pass."""
   cost = np.asarray(cost, np.float64)
+  finite = cost[np.isfinite(cost)]
+  if finite.size == 0:
+    return 0.0
+  n = min(cost.shape)
+  return 4 * n * np.finfo(dtype).eps * np.ptp(finite) + 4 * n * np.finfo(np.float64).eps * np.abs(finite).max()
+
+
+def as_solved(cost, dtype=np.float32):
+  """The cost matrix the solver saw (rounded to ``dtype``, the one it solves in), back in float64."""
+  return np.asarray(cost, np.float64).astype(dtype).astype(np.float64)
+
+
+def assert_optimal_total(cost, total, maximize=False):
+  """``total`` equals scipy's optimal total of ``cost`` (as the solver saw it) within ``optimality_tolerance``."""
+  cost = as_solved(cost)
+  ref_rows, ref_cols = scipy_lsa(cost, maximize=maximize)
+  np.testing.assert_allclose(total, cost[ref_rows, ref_cols].sum(), rtol=0, atol=optimality_tolerance(cost))
+
+
+def assert_optimal_assignment(cost, rows, cols, maximize=False):
+  """A valid scipy-shaped answer whose total is scipy's optimum (see ``assert_optimal_total``)."""
+  cost = as_solved(cost)
   rows, cols = np.asarray(rows), np.asarray(cols)
   assert rows.shape == cols.shape == (min(cost.shape),)
   assert (np.diff(rows) > 0).all() and len(set(cols.tolist())) == cols.size
   assert ((0 <= cols) & (cols < cost.shape[1])).all() and ((0 <= rows) & (rows < cost.shape[0])).all()
-  ref_rows, ref_cols = scipy_lsa(cost, maximize=maximize)
-  expected = cost[ref_rows, ref_cols].sum()
-  np.testing.assert_allclose(cost[rows, cols].sum(), expected, rtol=1e-4, atol=1e-4)
+  assert_optimal_total(cost, cost[rows, cols].sum(), maximize)
 
 
 def make_cost(kind, shape, rng):
@@ -53,13 +79,56 @@ KINDS = ("uniform", "integer", "all_equal", "huge", "huge_offset", "negative")
 SHAPES = ((6, 6), (9, 4), (4, 9), (1, 1), (1, 5), (5, 1), (25, 25))
 
 
+def case_cost(kind, shape):
+  """The cost matrix of a (kind, shape) case, the same in every run (``hash`` of a str is salted per process)."""
+  return make_cost(kind, shape, np.random.default_rng(zlib.crc32(f"{kind} {shape}".encode())))
+
+
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("kind", KINDS)
 def test_linear_sum_assignment_is_optimal(kind, shape):
-  cost = make_cost(kind, shape, np.random.default_rng(hash((kind, shape)) % 2**32))
+  cost = case_cost(kind, shape)
   rows, cols = lsa(jnp.asarray(cost), False)
   assert rows.dtype == cols.dtype == jnp.int32
   assert_optimal_assignment(cost, rows, cols)
+
+
+def closest_suboptimal_swap(cost, maximize):
+  """scipy's optimum with the columns of two matched rows swapped, the swap that worsens the total least
+  (but does worsen it): the hardest single mistake for the optimality check to see. None if every swap ties."""
+  rows, cols = scipy_lsa(cost, maximize=maximize)
+  best_total, best = cost[rows, cols].sum(), None
+  sign = -1 if maximize else 1
+  for i in range(rows.size):
+    for j in range(i + 1, rows.size):
+      swapped = cols.copy()
+      swapped[[i, j]] = swapped[[j, i]]
+      worsening = sign * (cost[rows, swapped].sum() - best_total)
+      if worsening > 0 and (best is None or worsening < best[0]):
+        best = (worsening, swapped)
+  return None if best is None else (rows, best[1])
+
+
+@pytest.mark.parametrize("maximize", [False, True])
+@pytest.mark.parametrize("shape", [s for s in SHAPES if min(s) > 1])
+@pytest.mark.parametrize("kind", [k for k in KINDS if k != "all_equal"])  # all_equal: every assignment ties
+def test_optimality_check_detects_one_wrong_swap(kind, shape, maximize):
+  """The tolerance of ``assert_optimal_assignment`` is tight enough to fail a suboptimal answer, in every case
+  the solver is checked on -- ``huge_offset``'s totals of ~1e6 n included."""
+  cost = as_solved(case_cost(kind, shape))
+  rows, cols = closest_suboptimal_swap(cost, maximize)
+  with pytest.raises(AssertionError, match="Not equal to tolerance"):
+    assert_optimal_assignment(cost, rows, cols, maximize=maximize)
+
+
+def test_optimality_check_resolves_one_half_step_on_a_1e6_offset():
+  """25 x 25 costs of 1e6 but one 1e6 + 0.5: the identity, 0.5 above the optimum on a 2.5e7 total, fails."""
+  cost = np.full((25, 25), 1e6)
+  cost[0, 0] += 0.5
+  rows = np.arange(25)
+  assert_optimal_assignment(cost, rows, np.roll(rows, 1))
+  with pytest.raises(AssertionError, match="Not equal to tolerance"):
+    assert_optimal_assignment(cost, rows, rows)
 
 
 @pytest.mark.parametrize("shape", [(7, 7), (3, 8), (8, 3)])
@@ -120,9 +189,8 @@ def test_forbidden_edges_are_avoided_when_feasible():
   cost[rng.random((8, 8)) < 0.5] = np.inf
   cost[np.arange(8), rng.permutation(8)] = rng.random(8)  # a finite perfect matching exists
   rows, cols = lsa(jnp.asarray(cost), False)
-  ref_rows, ref_cols = scipy_lsa(cost)  # scipy treats +inf as forbidden
   assert np.isfinite(cost[rows, cols]).all()
-  np.testing.assert_allclose(cost[rows, cols].sum(), cost[ref_rows, ref_cols].sum(), rtol=1e-4)
+  assert_optimal_assignment(cost, rows, cols)  # scipy treats +inf as forbidden
 
 
 def test_vmap_over_a_batch():
@@ -151,10 +219,8 @@ def assert_set_matching(cost, valid, matched):
     assert v[m[queries]].all()
     assert len(set(m[queries].tolist())) == queries.size == min(c.shape[0], targets.size)
     if targets.size:
-      sub = stand_in_costs(c[:, targets], targets.size)
-      r, k = scipy_lsa(sub)
-      picked = sub[queries, np.searchsorted(targets, m[queries])]
-      np.testing.assert_allclose(picked.sum(), sub[r, k].sum(), rtol=1e-4, atol=1e-5)
+      sub = as_solved(stand_in_costs(c[:, targets], targets.size))
+      assert_optimal_total(sub, sub[queries, np.searchsorted(targets, m[queries])].sum())
 
 
 @pytest.mark.parametrize("backend", M.BACKENDS)
