@@ -12,8 +12,9 @@ order mapped to 0..K-1 (`category_ids[label]` gives the original id back for res
 json must list the same categories, as COCO's do, for labels to agree between splits), crowd
 annotations (`iscrowd=1`) are dropped from the training targets as DETR drops them, and images without
 annotations are kept. Evaluation reads the annotation file itself (`CocoFolder.ground_truth`): every
-annotation, crowds as ignore regions, not the targets cut to `max_boxes`. Boxes are COCO's absolute (x, y, width, height); `parse` reads the image
-file and normalises them by the file's own size (as DETR does; a json width/height that disagrees is logged).
+annotation, crowds as ignore regions, not the targets cut to `max_boxes`. Boxes are COCO's absolute (x, y,
+width, height); `parse` reads the image file and normalises them by the file's own size (as DETR does; a json
+width/height that disagrees is logged).
 Image files are only checked for existence up front (one directory listing); whether they decode is found
 out when they are read, where the pipeline skips undecodable ones (`DatasetSource.skip_corrupt`).
 """

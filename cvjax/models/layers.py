@@ -15,6 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from cvjax.ops._args import positive_int_pair
+
 Dtype = Any
 IntPair = Union[int, Tuple[int, int]]
 Padding = Union[str, int, Sequence[Tuple[int, int]]]
@@ -46,15 +48,6 @@ def torch_default_bias_init(fan_in: int) -> Callable:
     return jax.random.uniform(key, shape, dtype, -bound, bound)
 
   return init
-
-
-def _pair(value: IntPair, name: str) -> Tuple[int, int]:
-  if isinstance(value, int):
-    return (value, value)
-  value = tuple(value)
-  if len(value) != 2 or not all(isinstance(v, int) for v in value):
-    raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
-  return value
 
 
 def _explicit_padding(padding: Padding, in_hw, window_hw, strides) -> Tuple[Tuple[int, int], ...]:
@@ -121,8 +114,8 @@ def conv2d(x: jnp.ndarray, kernel: jnp.ndarray, *, strides: IntPair = 1, padding
   if x.ndim != 4 or kernel.ndim != 4 or x.shape[-1] != kernel.shape[2]:
     raise ValueError(f"conv2d expects x [B, H, W, C] and kernel [KH, KW, C, Cout]; got {x.shape} and "
                      f"{kernel.shape}")
-  strides = _pair(strides, "strides")
-  dilation = _pair(dilation, "dilation")
+  strides = positive_int_pair(strides, "strides")
+  dilation = positive_int_pair(dilation, "dilation")
   kh, kw, cin, cout = kernel.shape
   window = ((kh - 1) * dilation[0] + 1, (kw - 1) * dilation[1] + 1)
   pads = _explicit_padding(padding, x.shape[1:3], window, strides)
@@ -161,7 +154,7 @@ class Conv(nn.Module):
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
     """``[B, H, W, Cin]`` -> ``[B, Ho, Wo, features]``."""
-    kernel_shape = (*_pair(self.kernel_size, "kernel_size"), x.shape[-1], self.features)
+    kernel_shape = (*positive_int_pair(self.kernel_size, "kernel_size"), x.shape[-1], self.features)
     kernel = self.param("kernel", self.kernel_init, kernel_shape, self.param_dtype)
     bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype) if self.use_bias else None
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
@@ -263,9 +256,10 @@ def adaptive_avg_pool(x: jnp.ndarray, output_size: int) -> jnp.ndarray:
   return jnp.einsum("ph,bhwc,qw->bpqc", rows, x, cols)
 
 
-def torchvision_classifier(x: jnp.ndarray, *, hidden: int, num_classes: int, dropout_rate: float, train: bool,
-                           dropout_first: bool, dtype: Dtype | None = None) -> jnp.ndarray:
-  """The three-Linear classifier of torchvision's AlexNet / VGG on flattened features ``[B, D]``.
+def torchvision_classifier(x: jnp.ndarray, *, pool_size: int, hidden: int, num_classes: int, dropout_rate: float,
+                           train: bool, dropout_first: bool, dtype: Dtype | None = None) -> jnp.ndarray:
+  """torchvision's AlexNet / VGG head on a feature map ``[B, H, W, C]``: ``AdaptiveAvgPool2d(pool_size)``,
+  flatten (NHWC order: converters permute the first Linear's rows from PyTorch's NCHW flatten), three Linears.
 
   VGG orders each hidden stage Linear, ReLU, Dropout; AlexNet Dropout, Linear, ReLU (``dropout_first``). The
   Dense layers are named ``classifier_<i>`` after their index in torchvision's ``nn.Sequential``. Dropout
@@ -274,6 +268,8 @@ def torchvision_classifier(x: jnp.ndarray, *, hidden: int, num_classes: int, dro
   Returns:
     ``[B, num_classes]`` logits.
   """
+  x = adaptive_avg_pool(x, pool_size)
+  x = x.reshape(x.shape[0], -1)
   linear_offset = 1 if dropout_first else 0
   dense_init = nn.initializers.normal(0.01)  # torchvision's VGG init for Linear layers
   for stage in range(2):

@@ -53,11 +53,9 @@ class DetectionTask(Task):
     result = dict(self.detections(outputs, batch), image_id=batch["image_id"], orig_size=batch["orig_size"],
                   mask=batch["mask"])
     if self.ground_truth is None:
-      gt_boxes = to_absolute_xyxy(batch["boxes"], batch["orig_size"])
-      gt_area = (batch["area"].astype(jnp.float32) if "area" in batch
-                 else (gt_boxes[..., 2] - gt_boxes[..., 0]) * (gt_boxes[..., 3] - gt_boxes[..., 1]))
-      result.update(gt_boxes=gt_boxes, gt_labels=batch["labels"].astype(jnp.int32), gt_valid=batch["valid"],
-                    gt_area=gt_area)
+      result.update(gt_boxes=to_absolute_xyxy(batch["boxes"], batch["orig_size"]),
+                    gt_labels=batch["labels"].astype(jnp.int32), gt_valid=batch["valid"],
+                    gt_area=batch["area"].astype(jnp.float32))
     return result
 
   def evaluator(self) -> DetectionEvaluator:

@@ -169,8 +169,8 @@ class DETRTask(DetectionTask):
   matcher_backend, num_visualizations}``.
 
   Batch keys: ``image [B, H, W, 3]``, ``pixel_mask [B, H, W]``, ``boxes [B, M, 4]`` normalised cxcywh,
-  ``labels [B, M]``, ``valid [B, M]``, ``image_id [B]``, ``orig_size [B, 2]`` (h, w), ``mask [B]``, and
-  optionally ``area [B, M]`` (annotation areas in original pixels, for COCO's size buckets).
+  ``labels [B, M]``, ``valid [B, M]``, ``area [B, M]`` (annotation areas in original pixels, for COCO's size
+  ranges), ``image_id [B]``, ``orig_size [B, 2]`` (h, w), ``mask [B]``.
   """
 
   def __init__(self, config, num_classes, class_names, category_ids=None, ground_truth=None):

@@ -62,9 +62,7 @@ class AlexNet(nn.Module):
       x = nn.relu(x)
       if pool:
         x = layers.max_pool(x, 3, 2, impl=self.layer_impl)
-    x = layers.adaptive_avg_pool(x, self.pool_size)
-    x = x.reshape(x.shape[0], -1)
-    x = layers.torchvision_classifier(x, hidden=self.classifier_width, num_classes=self.num_classes,
-                                      dropout_rate=self.dropout_rate, train=train, dropout_first=True,
-                                      dtype=self.dtype)
+    x = layers.torchvision_classifier(x, pool_size=self.pool_size, hidden=self.classifier_width,
+                                      num_classes=self.num_classes, dropout_rate=self.dropout_rate, train=train,
+                                      dropout_first=True, dtype=self.dtype)
     return x.astype(jnp.float32)

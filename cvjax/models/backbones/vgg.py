@@ -102,11 +102,9 @@ class VGG(nn.Module):
       x = x.mean(axis=(1, 2))
       x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
       return nn.Dense(self.num_classes, dtype=self.dtype, name="classifier")(x).astype(jnp.float32)
-    x = layers.adaptive_avg_pool(x, self.head_pool_size)
-    x = x.reshape(x.shape[0], -1)
-    x = layers.torchvision_classifier(x, hidden=self.head_width, num_classes=self.num_classes,
-                                      dropout_rate=self.dropout_rate, train=train, dropout_first=False,
-                                      dtype=self.dtype)
+    x = layers.torchvision_classifier(x, pool_size=self.head_pool_size, hidden=self.head_width,
+                                      num_classes=self.num_classes, dropout_rate=self.dropout_rate, train=train,
+                                      dropout_first=False, dtype=self.dtype)
     return x.astype(jnp.float32)
 
 

@@ -84,6 +84,24 @@ def test_frozen_bn_is_not_trained_and_ignores_the_batch():
   assert all(np.abs(g).sum() > 0 for g in jax.tree_util.tree_leaves(grads))
 
 
+def test_frozen_stages_keep_their_statistics_and_normalise_with_them_in_training():
+  """frozen_stages=1: the stem and layer1 batch norms behave as in eval mode while training (their outputs
+  equal eval mode's, their statistics do not move); later stages still use and update batch statistics."""
+  model = tiny_resnet(frozen_stages=1)
+  variables = _random_variables(model)
+  features = functools.partial(model.apply, return_features=True)
+  train, state = jax.jit(functools.partial(features, train=True, mutable=["batch_stats"]))(variables, IMAGES)
+  evaluated = jax.jit(functools.partial(features, train=False))(variables, IMAGES)
+  np.testing.assert_allclose(train["c2"], evaluated["c2"], rtol=1e-5, atol=1e-5)
+  assert not np.allclose(train["c3"], evaluated["c3"], atol=1e-3)
+  before, after = variables["batch_stats"], state["batch_stats"]
+  for frozen in ["bn1"] + [name for name in before if name.startswith("layer1_")]:
+    jax.tree.map(np.testing.assert_array_equal, after[frozen], before[frozen])
+  assert not np.allclose(after["layer2_0"]["bn1"]["mean"], before["layer2_0"]["bn1"]["mean"])
+  with pytest.raises(ValueError, match="frozen_stages must be in"):
+    _apply(tiny_resnet(frozen_stages=5), variables, train=False)
+
+
 @pytest.mark.parametrize("name,last_bn", [("resnet18", "bn2"), ("resnet50", "bn3")])
 def test_zero_init_last_bn_zeroes_exactly_the_last_bn_of_each_block(name, last_bn):
   model = create_model(name, width=4, zero_init_last_bn=True, stage_sizes=(1, 1, 1, 1))

@@ -128,3 +128,36 @@ def test_detr_registry_variants_and_input_errors():
     apply(images, pixel_mask=jnp.ones((1, 16, 16), bool))
   with pytest.raises(ValueError, match="NHWC"):
     apply(jnp.zeros((32, 32, 3)))
+
+
+def test_initialisers_follow_facebookresearch_detr():
+  """Queries N(0, 1); transformer weights xavier-uniform (q/k/v with the fused [3d, d] bounds), attention
+  biases zero, FFN and head biases PyTorch's default U(+-1/sqrt(fan_in)); the heads' weights likewise."""
+  d, ffn = 64, 128
+  model = create_model("detr_resnet18", **dict(TINY, d_model=d, num_heads=4, ffn_dim=ffn, num_queries=64))
+  images = jnp.zeros((1, 32, 32, 3))
+  params = jax.jit(functools.partial(model.init, train=False))(jax.random.PRNGKey(0), images)["params"]
+
+  def check_uniform(x, bound):
+    x = np.asarray(x).ravel()
+    assert np.abs(x).max() <= bound and np.abs(x).max() > 0.9 * bound and x.std() == pytest.approx(
+        bound / np.sqrt(3), rel=0.15)
+
+  queries = np.asarray(params["query_position_embeddings"]["embedding"])
+  assert queries.std() == pytest.approx(1.0, rel=0.1) and abs(queries.mean()) < 0.1
+  attention = params["encoder"]["layers_0"]["self_attn"]
+  for name in ("q_proj", "k_proj", "v_proj"):
+    check_uniform(attention[name]["kernel"], np.sqrt(6 / (d + 3 * d)))
+  check_uniform(attention["o_proj"]["kernel"], np.sqrt(6 / (2 * d)))
+  for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+    assert not np.asarray(attention[name]["bias"]).any()
+  mlp = params["decoder"]["layers_0"]["mlp"]
+  check_uniform(mlp["fc1"]["kernel"], np.sqrt(6 / (d + ffn)))
+  check_uniform(mlp["fc1"]["bias"], 1 / np.sqrt(d))
+  check_uniform(mlp["fc2"]["bias"], 1 / np.sqrt(ffn))
+  head = params["class_labels_classifier"]
+  check_uniform(head["kernel"], 1 / np.sqrt(d))
+  assert np.abs(np.asarray(head["bias"])).max() <= 1 / np.sqrt(d) and np.asarray(head["bias"]).any()
+  check_uniform(params["bbox_predictor"]["layers_0"]["kernel"], 1 / np.sqrt(d))
+  c5 = 4 * 8  # backbone_width 4, basic blocks: C5 has 32 channels
+  check_uniform(params["input_projection"]["kernel"], 1 / np.sqrt(c5))
