@@ -1,111 +1,62 @@
-"""Times cvjax RoIAlign / RoIPool against a vectorised NumPy port of torchvision's CPU kernels.
+"""Times cvjax RoIAlign / RoIPool against torchvision.ops.roi_align / roi_pool (CPU), in the same run.
 
-torchvision is not importable here, so the reference column is a NumPy port (one RoI at a time, all bins,
-samples and channels vectorised, as the C++ kernel precomputes its sample taps per RoI). The torchvision
-CPU times measured on this machine for the same problem size are printed as targets (cvjax should be at least
-as fast; the boxes of that measurement are not known, adaptive sampling time depends on box sizes). Problem:
-512 RoIs, 7x7 output, C=256, features 2x64x64 (stride 16 of a 1024 image), boxes with uniform centres in the
-image and sides uniform in [32, 512] image pixels (2..32 map pixels).
+Problem: 512 RoIs, 7x7 output, C=256, features 2x64x64 (stride 16 of a 1024 image), boxes with uniform centres
+in the image and sides uniform in [32, 512] image pixels (2..32 map pixels). cvjax reads the NHWC map,
+torchvision the same values as NCHW (its layout; the transposition is done once, outside the timings). Both
+run in float32; "forward + backward" also computes the gradient w.r.t. the features for a fixed random output
+gradient (jax.vjp under jit vs torch autograd).
 
-Run from the repository root: ``python benchmarks/roi_ops.py``. Lines read
-``name  cvjax X ms  reference Y ms  ratio R`` with R = reference / cvjax (> 1: cvjax is faster).
+Run from the repository root: ``python benchmarks/roi_ops.py`` (``benchmarks/ops.py`` runs it too). Lines read
+``name  cvjax X ms  torchvision Y ms  ratio R`` with R = torchvision / cvjax (> 1: cvjax is faster). Each time
+is the best of a few calls, jitted and warmed up; the name shows the largest absolute difference between the
+two outputs (``fwd``) or gradients (``fwd+bwd``), float32 summation order.
 """
 
 from __future__ import annotations
 
-import math
+import os
+import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import torch
 
 from cvjax.ops.roi_align import roi_align
 from cvjax.ops.roi_pool import roi_pool
 
+# torchvision's wheel needs the tests' CPU shim to import next to a CPU-only torch (see its docstring).
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests", "helpers"))
+import torchvision_cpu  # noqa: E402  pylint: disable=wrong-import-position
+
 NUM_ROIS, BATCH, SIZE, CHANNELS, OUTPUT = 512, 2, 64, 256, 7
 IMAGE, SCALE = 1024, 1.0 / 16
-# torchvision.ops.roi_align on this machine's CPU (aligned=True), measured by the lead engineer.
-TORCHVISION_MS = {"sampling 2": 160.0, "adaptive": 520.0}
+
+
+def import_torchvision():
+  """torchvision, or SystemExit with how to install it: it is the reference these timings compare with."""
+  torchvision = torchvision_cpu.import_torchvision()
+  if torchvision is None:
+    raise SystemExit("torchvision is not importable: pip install torch==2.13.0 torchvision==0.28.0")
+  return torchvision
 
 
 def make_problem(seed: int = 0):
-  """``(features [B, H, W, C] float32, rois [K, 5] float32)`` for the benchmark."""
+  """``(features [B, H, W, C] float32, rois [K, 5] float32, output gradient [K, 7, 7, C] float32)``."""
   rng = np.random.default_rng(seed)
   features = rng.standard_normal((BATCH, SIZE, SIZE, CHANNELS)).astype(np.float32)
   centre = rng.uniform(0, IMAGE, (NUM_ROIS, 2))
   half = rng.uniform(32, 512, (NUM_ROIS, 2)) / 2
   rois = np.concatenate([rng.integers(0, BATCH, (NUM_ROIS, 1)), centre - half, centre + half], axis=1)
-  return features, rois.astype(np.float32)
-
-
-def _axis_samples(start, bin_size, grid, n_bins, size):
-  """Per-axis sample taps of the kernel: (low, high, w_low, w_high) each [n_bins, grid], in start's dtype."""
-  dtype = type(start)
-  pos = (start + np.arange(n_bins, dtype=dtype)[:, None] * bin_size
-         + (np.arange(grid, dtype=dtype) + dtype(0.5)) * bin_size / dtype(grid))
-  valid = (pos >= -1.0) & (pos <= size)
-  pos = np.maximum(pos, dtype(0))
-  low = np.floor(pos).astype(np.int64)
-  at_end = low >= size - 1
-  low = np.where(at_end, size - 1, low)
-  pos = np.where(at_end, low, pos).astype(dtype)
-  high = np.where(at_end, low, low + 1)
-  frac = pos - low.astype(dtype)
-  return low, high, np.where(valid, 1 - frac, 0), np.where(valid, frac, 0)
-
-
-def numpy_roi_align(features, rois, output_size, spatial_scale, sampling_ratio, aligned):
-  """Vectorised NumPy port of torchvision's CPU RoIAlign forward (NHWC), in the kernel's T = features.dtype."""
-  _, height, width, channels = features.shape
-  out = np.zeros((len(rois), output_size, output_size, channels), features.dtype)
-  t = features.dtype.type
-  offset, pooled = t(0.5 if aligned else 0.0), t(output_size)
-  for k, (b, x1, y1, x2, y2) in enumerate(rois.astype(features.dtype)):
-    x1, y1, x2, y2 = (v * t(spatial_scale) - offset for v in (x1, y1, x2, y2))
-    roi_w, roi_h = x2 - x1, y2 - y1
-    if not aligned:
-      roi_w, roi_h = max(roi_w, t(1)), max(roi_h, t(1))
-    grid_h = sampling_ratio if sampling_ratio > 0 else math.ceil(roi_h / pooled)
-    grid_w = sampling_ratio if sampling_ratio > 0 else math.ceil(roi_w / pooled)
-    if grid_h <= 0 or grid_w <= 0:
-      continue
-    yl, yh, wyl, wyh = _axis_samples(y1, roi_h / pooled, grid_h, output_size, height)
-    xl, xh, wxl, wxh = _axis_samples(x1, roi_w / pooled, grid_w, output_size, width)
-    image = features[int(b)]
-    total = 0
-    for rows, wy in ((yl, wyl), (yh, wyh)):
-      for cols, wx in ((xl, wxl), (xh, wxh)):
-        weight = wy[:, :, None, None] * wx[None, None]  # [PH, gh, PW, gw]
-        values = image[rows[:, :, None, None], cols[None, None]]  # [PH, gh, PW, gw, C]
-        total = total + np.einsum("ygxh,ygxhc->yxc", weight, values)
-    out[k] = total / max(grid_h * grid_w, 1)
-  return out
-
-
-def numpy_roi_pool(features, rois, output_size, spatial_scale):
-  """Vectorised NumPy port of torchvision's CPU RoIPool forward (NHWC, T = features.dtype), bin by bin."""
-  _, height, width, channels = features.shape
-  out = np.zeros((len(rois), output_size, output_size, channels), features.dtype)
-  t = features.dtype.type
-  cpp_round = lambda v: math.floor(v + 0.5) if v >= 0 else -math.floor(-v + 0.5)  # exact for float32 v
-  for k, (b, x1, y1, x2, y2) in enumerate(rois.astype(features.dtype)):
-    sx, sy, ex, ey = (cpp_round(float(v * t(spatial_scale))) for v in (x1, y1, x2, y2))
-    bin_h, bin_w = t(max(ey - sy + 1, 1)) / t(output_size), t(max(ex - sx + 1, 1)) / t(output_size)
-    for ph in range(output_size):
-      h0 = min(max(math.floor(t(ph) * bin_h) + sy, 0), height)
-      h1 = min(max(math.ceil(t(ph + 1) * bin_h) + sy, 0), height)
-      for pw in range(output_size):
-        w0 = min(max(math.floor(t(pw) * bin_w) + sx, 0), width)
-        w1 = min(max(math.ceil(t(pw + 1) * bin_w) + sx, 0), width)
-        if h1 > h0 and w1 > w0:
-          out[k, ph, pw] = features[int(b), h0:h1, w0:w1].max(axis=(0, 1))
-  return out
+  cotangent = rng.standard_normal((NUM_ROIS, OUTPUT, OUTPUT, CHANNELS)).astype(np.float32)
+  return features, rois.astype(np.float32), cotangent
 
 
 def _timed(fn, repeats: int):
-  """``(best wall time in ms over repeats, last result)`` of ``fn()``."""
-  best, result = float("inf"), None
+  """``(best wall time in ms over repeats, last result)`` of ``fn()`` (after one warm-up call)."""
+  result = jax.block_until_ready(fn())
+  best = float("inf")
   for _ in range(repeats):
     start = time.perf_counter()
     result = jax.block_until_ready(fn())
@@ -113,39 +64,80 @@ def _timed(fn, repeats: int):
   return best * 1e3, result
 
 
-def _line(name, cvjax_ms, reference_ms, target_ms=None):
-  text = f"{name:<42s} cvjax {cvjax_ms:7.1f} ms  reference {reference_ms:7.1f} ms  ratio {reference_ms / cvjax_ms:5.2f}"
-  if target_ms is not None:
-    text += f"  (torchvision CPU {target_ms:.0f} ms: {target_ms / cvjax_ms:.2f}x its throughput)"
-  print(text, flush=True)
+def _line(name, cvjax_ms, torchvision_ms):
+  print(f"{name:<60s} cvjax {cvjax_ms:7.1f} ms  torchvision {torchvision_ms:7.1f} ms  "
+        f"ratio {torchvision_ms / cvjax_ms:5.2f}", flush=True)
+
+
+def _cvjax_fns(op):
+  """Jitted ``forward(f, r)`` and ``forward_backward(f, r, g) -> (out, d features)`` of ``op(f, r)``."""
+
+  def forward_backward(f, r, g):
+    out, vjp = jax.vjp(lambda x: op(x, r), f)
+    return out, vjp(g)[0]
+
+  return jax.jit(op), jax.jit(forward_backward)
+
+
+def _torch_fns(op, features, rois, cotangent):
+  """``forward()`` and ``forward_backward()`` of torchvision ``op(features_nchw, rois)``, NHWC numpy results."""
+  x = torch.from_numpy(np.ascontiguousarray(features.transpose(0, 3, 1, 2)))
+  r = torch.from_numpy(rois)
+  g = torch.from_numpy(np.ascontiguousarray(cotangent.transpose(0, 3, 1, 2)))
+
+  def forward():
+    with torch.no_grad():
+      return op(x, r).numpy().transpose(0, 2, 3, 1)
+
+  def forward_backward():
+    leaf = x.detach().requires_grad_(True)
+    out = op(leaf, r)
+    out.backward(g)
+    return out.detach().numpy().transpose(0, 2, 3, 1), leaf.grad.numpy().transpose(0, 2, 3, 1)
+
+  return forward, forward_backward
+
+
+def _compare(label, cvjax_op, torch_op, arrays, repeats):
+  """Prints the forward and the forward + backward line of one op."""
+  features, rois, cotangent = arrays
+  jf, jr, jg = jnp.asarray(features), jnp.asarray(rois), jnp.asarray(cotangent)
+  forward, forward_backward = _cvjax_fns(cvjax_op)
+  torch_forward, torch_forward_backward = _torch_fns(torch_op, features, rois, cotangent)
+  ms, out = _timed(lambda: forward(jf, jr), repeats)
+  torch_ms, torch_out = _timed(torch_forward, repeats)
+  _line(f"{label} fwd err {float(np.abs(np.asarray(out) - torch_out).max()):.0e}", ms, torch_ms)
+  ms, (out, grad) = _timed(lambda: forward_backward(jf, jr, jg), repeats)
+  torch_ms, (torch_out, torch_grad) = _timed(torch_forward_backward, repeats)
+  _line(f"{label} fwd+bwd grad err {float(np.abs(np.asarray(grad) - torch_grad).max()):.0e}", ms, torch_ms)
 
 
 def run(repeats: int = 5) -> None:
-  """Prints one line per case: compiled forward pass, best of ``repeats`` (NumPy reference: best of 2).
+  """Prints two lines (forward; forward + backward) per case.
 
-  ``[auto]`` is what ``roi_align`` picks by itself; ``[dense]`` / ``[gather]`` force one exact path. The
-  name also shows the largest absolute difference from the float32 NumPy port (float32 summation order).
+  ``[auto]`` is what ``roi_align`` picks by itself; ``[dense]`` / ``[gather]`` force one exact path.
   """
-  features, rois = make_problem()
-  jf, jr = jnp.asarray(features), jnp.asarray(rois)
+  torchvision = import_torchvision()
+  arrays = make_problem()
   cases = [("sampling 2", 2, "auto"), ("sampling 2", 2, "dense"), ("sampling 2", 2, "gather"),
            ("adaptive", -1, "auto"), ("adaptive", -1, "dense")]
-  reference = {}
   for label, sampling, method in cases:
-    if label not in reference:
-      reference[label] = _timed(lambda: numpy_roi_align(features, rois, OUTPUT, SCALE, sampling, True), 2)
-    ref_ms, ref_out = reference[label]
-    fn = jax.jit(lambda f, r, s=sampling, m=method: roi_align(f, r, OUTPUT, SCALE, s, True, method=m))
-    fn(jf, jr)  # compile
-    ms, out = _timed(lambda: fn(jf, jr), repeats)
-    error = float(np.abs(np.asarray(out) - ref_out).max())
-    _line(f"roi_align {label} aligned [{method}] err {error:.0e}", ms, ref_ms, TORCHVISION_MS[label])
-  ref_ms, ref_out = _timed(lambda: numpy_roi_pool(features, rois, OUTPUT, SCALE), 1)
-  fn = jax.jit(lambda f, r: roi_pool(f, r, OUTPUT, SCALE))
-  fn(jf, jr)
-  ms, out = _timed(lambda: fn(jf, jr), repeats)
-  _line(f"roi_pool err {float(np.abs(np.asarray(out) - ref_out).max()):.0e}", ms, ref_ms)
+    _compare(f"roi_align {label} aligned [{method}]",
+             lambda f, r, s=sampling, m=method: roi_align(f, r, OUTPUT, SCALE, s, True, method=m),
+             lambda x, r, s=sampling: torchvision.ops.roi_align(x, r, OUTPUT, SCALE, s, True), arrays, repeats)
+  _compare("roi_pool", lambda f, r: roi_pool(f, r, OUTPUT, SCALE),
+           lambda x, r: torchvision.ops.roi_pool(x, r, OUTPUT, SCALE), arrays, repeats)
+
+
+def machine_line() -> str:
+  """Devices, versions, threads and the load average (the figures move with other load on shared machines)."""
+  return (f"devices: {jax.devices()}  jax {jax.__version__}  torch {torch.__version__} "
+          f"({torch.get_num_threads()} threads)  host CPUs: {os.cpu_count()}  "
+          f"load average (1, 5, 15 min): {', '.join(f'{v:.2f}' for v in os.getloadavg())}")
 
 
 if __name__ == "__main__":
+  import_torchvision()
+  print(machine_line(), flush=True)
   run()
+  print(f"load average at the end: {', '.join(f'{v:.2f}' for v in os.getloadavg())}", flush=True)

@@ -1,10 +1,15 @@
-"""from_torch_state_dict against PyTorch models with torchvision's module layout, written here.
+"""from_torch_state_dict against torchvision's own ResNet, VGG and AlexNet (``torchvision.models``).
 
-torchvision is not installable, so the reference models below are written from torchvision's architecture
-(same attribute names and Sequential indices); their ``state_dict()`` is what a torchvision checkpoint holds.
+Every reference is a torchvision class run by its own ``forward``: ResNet-18 and AlexNet as the factories build
+them, the bottleneck ResNets as ``ResNet(Bottleneck, layers)`` with fewer blocks per stage (full width:
+torchvision has no width knob), and VGG as ``VGG(make_layers(cfgs['A'] at 1/8 width, batch_norm))`` whose
+hard-coded 25088 x 4096 head is replaced by a small head of the same layout. BatchNorms get random statistics
+and affines; ResNets keep torchvision's He init, VGG's and AlexNet's weights (PyTorch's default init there) are
+re-drawn at He scale: the logits are then O(1), so that a 1e-4 tolerance is not vacuous.
 """
 
 import functools
+import math
 
 import jax
 import numpy as np
@@ -15,133 +20,90 @@ from torch_reference import randomise_batch_norms
 
 from cvjax.convert import from_torch_state_dict
 
-
-class TorchBlock(nn.Module):
-  """torchvision's BasicBlock (expansion 1) or Bottleneck (expansion 4, stride on the 3x3)."""
-
-  def __init__(self, in_channels, planes, stride, bottleneck):
-    super().__init__()
-    out_channels = planes * (4 if bottleneck else 1)
-    kernels = [1, 3, 1] if bottleneck else [3, 3]
-    widths = [planes, planes, out_channels] if bottleneck else [planes, out_channels]
-    strides = [1, stride, 1] if bottleneck else [stride, 1]
-    channels = in_channels
-    for i, (kernel, width, s) in enumerate(zip(kernels, widths, strides), start=1):
-      setattr(self, f"conv{i}", nn.Conv2d(channels, width, kernel, s, kernel // 2, bias=False))
-      setattr(self, f"bn{i}", nn.BatchNorm2d(width))
-      channels = width
-    self.num_convs = len(kernels)
-    self.downsample = None
-    if stride != 1 or in_channels != out_channels:
-      self.downsample = nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, stride, bias=False),
-                                      nn.BatchNorm2d(out_channels))
-
-  def forward(self, x):
-    y = x
-    for i in range(1, self.num_convs + 1):
-      y = getattr(self, f"bn{i}")(getattr(self, f"conv{i}")(y))
-      if i < self.num_convs:
-        y = torch.relu(y)
-    return torch.relu(y + (x if self.downsample is None else self.downsample(x)))
+NUM_CLASSES = 7
 
 
-class TorchResNet(nn.Module):
-  """torchvision's ResNet with a base ``width`` (64 there)."""
+def he_normal_weights(model: nn.Module, seed: int = 0) -> nn.Module:
+  """Re-draws every conv / Linear weight from N(0, 2 / fan_in) and bias from U(-0.1, 0.1).
 
-  def __init__(self, depths, bottleneck, width, num_classes):
-    super().__init__()
-    self.conv1 = nn.Conv2d(3, width, 7, 2, 3, bias=False)
-    self.bn1 = nn.BatchNorm2d(width)
-    self.maxpool = nn.MaxPool2d(3, 2, 1)
-    channels = width
-    for stage, depth in enumerate(depths):
-      blocks = []
-      for block in range(depth):
-        stride = 2 if stage > 0 and block == 0 else 1
-        blocks.append(TorchBlock(channels, width * 2**stage, stride, bottleneck))
-        channels = width * 2**stage * (4 if bottleneck else 1)
-      setattr(self, f"layer{stage + 1}", nn.Sequential(*blocks))
-    self.fc = nn.Linear(channels, num_classes)
-
-  def forward(self, x):
-    x = self.maxpool(torch.relu(self.bn1(self.conv1(x))))
-    x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-    return self.fc(x.mean((2, 3)))
+  PyTorch's default init shrinks activations by ~sqrt(6) per layer: AlexNet's logits come out ~0.01, where an
+  absolute 1e-4 tolerance is a 1% error. He scale keeps them O(1) through the ReLUs.
+  """
+  generator = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for module in model.modules():
+      if isinstance(module, (nn.Conv2d, nn.Linear)):
+        fan_in = module.weight[0].numel()
+        module.weight.copy_(torch.randn(module.weight.shape, generator=generator) * math.sqrt(2 / fan_in))
+        if module.bias is not None:
+          module.bias.copy_(torch.rand(module.bias.shape, generator=generator) * 0.2 - 0.1)
+  return model
 
 
-class TorchVGGOrAlexNet(nn.Module):
-  """torchvision's VGG / AlexNet: ``features``, ``avgpool``, ``classifier``."""
-
-  def __init__(self, features, pool_size, classifier):
-    super().__init__()
-    self.features, self.avgpool, self.classifier = features, nn.AdaptiveAvgPool2d(pool_size), classifier
-
-  def forward(self, x):
-    return self.classifier(torch.flatten(self.avgpool(self.features(x)), 1))
-
-
-def torch_vgg11(width, batch_norm, pool_size, hidden, num_classes):
-  layers, channels = [], 3
-  for v in [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"]:  # torchvision's cfg "A"
-    if v == "M":
-      layers.append(nn.MaxPool2d(2, 2))
-      continue
-    layers.append(nn.Conv2d(channels, v * width // 64, 3, padding=1))
-    channels = v * width // 64
-    layers += [nn.BatchNorm2d(channels), nn.ReLU()] if batch_norm else [nn.ReLU()]
-  classifier = nn.Sequential(nn.Linear(channels * pool_size**2, hidden), nn.ReLU(), nn.Dropout(),
-                             nn.Linear(hidden, hidden), nn.ReLU(), nn.Dropout(), nn.Linear(hidden, num_classes))
-  return TorchVGGOrAlexNet(nn.Sequential(*layers), pool_size, classifier)
+def small_vgg11(torchvision, batch_norm: bool, width: int, pool_size: int, hidden: int) -> nn.Module:
+  """torchvision's VGG-11 at ``width / 64`` of its channels with a ``hidden``-wide head on a ``pool_size`` pool,
+  He-scaled."""
+  vgg = torchvision.models.vgg
+  features = vgg.make_layers([v if v == "M" else v * width // 64 for v in vgg.cfgs["A"]], batch_norm=batch_norm)
+  # The constructor's 120M-parameter head is replaced below: build it on the meta device (no memory, no init).
+  with torch.device("meta"):
+    model = vgg.VGG(features, num_classes=NUM_CLASSES)
+  model.avgpool = nn.AdaptiveAvgPool2d(pool_size)
+  channels = 512 * width // 64
+  model.classifier = nn.Sequential(  # torchvision's head layout, narrower
+      nn.Linear(channels * pool_size**2, hidden), nn.ReLU(True), nn.Dropout(),
+      nn.Linear(hidden, hidden), nn.ReLU(True), nn.Dropout(), nn.Linear(hidden, NUM_CLASSES))
+  return he_normal_weights(model)
 
 
-def torch_alexnet(width, hidden, num_classes):
-  c = [v * width // 64 for v in (64, 192, 384, 256, 256)]
-  features = nn.Sequential(
-      nn.Conv2d(3, c[0], 11, 4, 2), nn.ReLU(), nn.MaxPool2d(3, 2),
-      nn.Conv2d(c[0], c[1], 5, padding=2), nn.ReLU(), nn.MaxPool2d(3, 2),
-      nn.Conv2d(c[1], c[2], 3, padding=1), nn.ReLU(), nn.Conv2d(c[2], c[3], 3, padding=1), nn.ReLU(),
-      nn.Conv2d(c[3], c[4], 3, padding=1), nn.ReLU(), nn.MaxPool2d(3, 2))
-  classifier = nn.Sequential(nn.Dropout(), nn.Linear(c[4] * 36, hidden), nn.ReLU(), nn.Dropout(),
-                             nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, num_classes))
-  return TorchVGGOrAlexNet(features, 6, classifier)
+def bottleneck_resnet(torchvision, layers, **kwargs) -> nn.Module:
+  resnet = torchvision.models.resnet
+  return resnet.ResNet(resnet.Bottleneck, layers, num_classes=NUM_CLASSES, **kwargs)
 
 
+# case -> (cvjax model name, torch model from torchvision, cvjax kwargs, input side)
 CASES = {
-    "resnet18": lambda: (TorchResNet([1, 2, 1, 1], False, 8, 7),
-                         dict(width=8, num_classes=7, stage_sizes=(1, 2, 1, 1)), 64),
-    "resnet50": lambda: (TorchResNet([1, 1, 2, 1], True, 4, 7),
-                         dict(width=4, num_classes=7, stage_sizes=(1, 1, 2, 1)), 64),
+    # 64x64: C5 is 2x2, so the global pool averages distinct positions.
+    "resnet18": ("resnet18", lambda tv: tv.models.resnet18(num_classes=NUM_CLASSES), {}, 64),
+    "resnet50": ("resnet50", lambda tv: bottleneck_resnet(tv, [1, 1, 2, 1]), dict(stage_sizes=(1, 1, 2, 1)), 64),
     # Frozen BN reads the same keys and in eval mode computes what nn.BatchNorm2d computes.
-    "resnet50_frozen_bn": lambda: (TorchResNet([1, 1, 1, 1], True, 4, 7),
-                                   dict(width=4, num_classes=7, stage_sizes=(1, 1, 1, 1), frozen_bn=True), 64),
+    "resnet50_frozen_bn": ("resnet50", lambda tv: bottleneck_resnet(tv, [1, 1, 1, 1]),
+                           dict(stage_sizes=(1, 1, 1, 1), frozen_bn=True), 64),
+    # DC5: layer4's first block keeps dilation 1 with stride 1, its second is dilated by 2 (C5 is 4x4 here).
+    "resnet50_dc5": ("resnet50", lambda tv: bottleneck_resnet(tv, [1, 1, 1, 2],
+                                                              replace_stride_with_dilation=[False, False, True]),
+                     dict(stage_sizes=(1, 1, 1, 2), dilate_last_stage=True), 64),
     # A 2x2 final map pooled to 3x3 (overlapping adaptive bins): 9 distinct positions in the flatten.
-    "vgg11": lambda: (torch_vgg11(8, False, 3, 16, 7),
-                      dict(width=8, pool_size=3, classifier_width=16, num_classes=7), 64),
-    "vgg11_bn": lambda: (torch_vgg11(8, True, 3, 16, 7),
-                         dict(width=8, pool_size=3, classifier_width=16, num_classes=7), 64),
-    # 127x127 leaves a 3x3 map that the 6x6 adaptive pool replicates: the default AlexNet head.
-    "alexnet": lambda: (torch_alexnet(8, 16, 7), dict(width=8, classifier_width=16, num_classes=7), 127),
+    "vgg11": ("vgg11", lambda tv: small_vgg11(tv, False, 8, 3, 16),
+              dict(width=8, pool_size=3, classifier_width=16), 64),
+    "vgg11_bn": ("vgg11_bn", lambda tv: small_vgg11(tv, True, 8, 3, 16),
+                 dict(width=8, pool_size=3, classifier_width=16), 64),
+    # Full size; 191x191 leaves a 5x5 map that the 6x6 adaptive pool spreads over overlapping bins.
+    "alexnet": ("alexnet", lambda tv: he_normal_weights(tv.models.alexnet(num_classes=NUM_CLASSES)), {}, 191),
 }
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_converted_logits_match_torch(case):
-  torch.manual_seed(0)
-  torch_model, kwargs, side = CASES[case]()
-  torch_model = randomise_batch_norms(torch_model)
+def test_converted_logits_match_torchvision(torchvision, case):
+  name, build, kwargs, side = CASES[case]
+  torch.manual_seed(0)  # torchvision's own init draws from the global generator
+  torch_model = randomise_batch_norms(build(torchvision))
   x = np.random.default_rng(0).standard_normal((2, 3, side, side), dtype=np.float32)
   with torch.no_grad():
     expected = torch_model(torch.from_numpy(x)).numpy()
+  assert expected.shape == (2, NUM_CLASSES) and expected.std() > 0.1  # O(1) logits: 1e-4 is a real tolerance
 
-  module, variables = from_torch_state_dict(case.removesuffix("_frozen_bn"), torch_model.state_dict(), **kwargs)
+  module, variables = from_torch_state_dict(name, torch_model.state_dict(), num_classes=NUM_CLASSES, **kwargs)
   logits = jax.jit(functools.partial(module.apply, train=False))(variables, x.transpose(0, 2, 3, 1))
   np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-4)
 
 
-def test_mismatched_state_dicts_list_every_problem():
-  state_dict = TorchResNet([1, 1, 1, 1], False, 4, 5).state_dict()
-  kwargs = dict(width=4, num_classes=5, stage_sizes=(1, 1, 1, 1))
+def test_mismatched_state_dicts_list_every_problem(torchvision):
+  resnet = torchvision.models.resnet
+  state_dict = resnet.ResNet(resnet.BasicBlock, [1, 1, 1, 1], num_classes=5).state_dict()
+  kwargs = dict(num_classes=5, stage_sizes=(1, 1, 1, 1))
   assert "bn1.num_batches_tracked" in state_dict  # ignored, as it must be
+  from_torch_state_dict("resnet18", state_dict, **kwargs)  # the intact checkpoint converts
 
   broken = dict(state_dict)
   del broken["layer2.0.downsample.0.weight"]
@@ -153,6 +115,6 @@ def test_mismatched_state_dicts_list_every_problem():
 
   with pytest.raises(ValueError) as error:
     from_torch_state_dict("resnet18", state_dict, **dict(kwargs, num_classes=6))
-  assert "fc.weight: shape (5, 32) ((32, 5) in flax layout), but the model's params/fc/kernel is (32, 6)" in \
+  assert "fc.weight: shape (5, 512) ((512, 5) in flax layout), but the model's params/fc/kernel is (512, 6)" in \
       str(error.value)
   assert "fc.bias: shape (5,)" in str(error.value)

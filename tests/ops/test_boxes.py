@@ -1,4 +1,5 @@
-"""cvjax.ops.boxes against float64 NumPy ports of torchvision's box ops and BoxCoder, and torch autograd."""
+"""cvjax.ops.boxes against torchvision.ops itself (bit for bit in float32), torchvision's BoxCoder and torch
+autograd, and against float64 NumPy ports of the same formulas (which run without torchvision)."""
 
 import itertools
 import math
@@ -14,7 +15,7 @@ from cvjax.ops import boxes as B
 FORMATS = ("xyxy", "xywh", "cxcywh")
 
 
-# ---- float64 NumPy ports (REFERENCE.md: absolute xyxy, no +1, GIoU = IoU - (C - union) / C) ----
+# ---- float64 NumPy ports (torchvision's conventions: absolute xyxy, no +1, GIoU = IoU - (C - union) / C) ----
 
 def ref_iou_terms(a, b):
   a, b = np.asarray(a, np.float64)[:, None], np.asarray(b, np.float64)[None]
@@ -136,23 +137,15 @@ def test_degenerate_boxes_eps_zero_is_torchvision_and_default_is_finite():
   assert np.isfinite(np.asarray(grads)).all()
 
 
-def test_giou_gradient_matches_torch_autograd():
+def test_giou_gradient_matches_torchvision_autograd(torchvision):
   rng = np.random.default_rng(4)
   a, b = random_boxes(rng, 6).astype(np.float64), random_boxes(rng, 6).astype(np.float64)
-
-  def torch_giou(x, y):
-    lt, rb = torch.max(x[:, :2], y[:, :2]), torch.min(x[:, 2:], y[:, 2:])
-    inter = (rb - lt).clamp(min=0).prod(1)
-    area = lambda z: (z[:, 2] - z[:, 0]) * (z[:, 3] - z[:, 1])
-    union = area(x) + area(y) - inter
-    enclosing = (torch.max(x[:, 2:], y[:, 2:]) - torch.min(x[:, :2], y[:, :2])).clamp(min=0).prod(1)
-    return inter / union - (enclosing - union) / enclosing
-
   ta, tb = torch.tensor(a, requires_grad=True), torch.tensor(b, requires_grad=True)
-  (torch_giou(ta, tb) * torch.arange(1.0, 7.0, dtype=torch.float64)).sum().backward()
-  weights = jnp.arange(1.0, 7.0)
+  weights = np.arange(1.0, 7.0)  # distinct per pair, so that a gradient sent to the wrong pair shows
+  (torchvision.ops.generalized_box_iou(ta, tb).diagonal() * torch.tensor(weights)).sum().backward()
   grad_a, grad_b = jax.grad(lambda x, y: (B.elementwise_generalized_box_iou(x, y) * weights).sum(),
                             argnums=(0, 1))(jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32))
+  assert np.abs(ta.grad.numpy()).min() > 1e-4  # every coordinate of these overlapping boxes moves the GIoU
   np.testing.assert_allclose(grad_a, ta.grad.numpy(), rtol=1e-4, atol=1e-6)
   np.testing.assert_allclose(grad_b, tb.grad.numpy(), rtol=1e-4, atol=1e-6)
 
@@ -180,3 +173,58 @@ def test_decode_clamps_large_scale_deltas():
   np.testing.assert_allclose(out[0, 2] - out[0, 0], 10 * 1000 / 16, rtol=1e-5)
   with pytest.raises(ValueError, match="weights"):
     B.decode_boxes(codes, boxes, weights=(1, 1, 1))
+
+
+# ---- torchvision.ops itself (the module docstring's claim: eps=0 is torchvision bit for bit) ----
+
+def boxes_with_degenerates(rng, batch, n):
+  """``[batch, n, 4]`` float32 random boxes whose last three are empty: a point, a line and one inverted in x."""
+  boxes = random_boxes(rng, batch * n).reshape(batch, n, 4)
+  boxes[:, -3:] = [[1, 1, 1, 1], [2, 2, 2, 5], [30, 20, 20, 25]]
+  return boxes
+
+
+@pytest.mark.parametrize("in_fmt,out_fmt", list(itertools.product(FORMATS, FORMATS)))
+def test_box_convert_is_torchvision_bit_for_bit(torchvision, in_fmt, out_fmt):
+  boxes = np.random.default_rng(6).uniform(-20, 50, (3, 7, 4)).astype(np.float32)  # batched, mixed signs
+  expected = torchvision.ops.box_convert(torch.from_numpy(boxes), in_fmt, out_fmt).numpy()
+  out = jax.jit(B.box_convert, static_argnums=(1, 2))(boxes, in_fmt, out_fmt)
+  np.testing.assert_array_equal(out, expected)
+
+
+def test_box_area_is_torchvision_bit_for_bit(torchvision):
+  boxes = boxes_with_degenerates(np.random.default_rng(7), 2, 9)
+  expected = torchvision.ops.box_area(torch.from_numpy(boxes)).numpy()
+  assert (expected < 0).any() and (expected == 0).any() and (expected > 0).any()
+  np.testing.assert_array_equal(B.box_area(boxes), expected)
+
+
+@pytest.mark.parametrize("name", ["box_iou", "generalized_box_iou"])
+def test_pairwise_iou_and_giou_are_torchvision_bit_for_bit(torchvision, name):
+  rng = np.random.default_rng(8)
+  a, b = boxes_with_degenerates(rng, 3, 13), boxes_with_degenerates(rng, 3, 8)  # [3, 13, 4] x [3, 8, 4]
+  expected = getattr(torchvision.ops, name)(torch.from_numpy(a), torch.from_numpy(b)).numpy()
+  assert expected.shape == (3, 13, 8)
+  finite = np.isfinite(expected)
+  assert not finite.all()  # 0 / 0 between the empty boxes
+  assert (expected[finite] > 0).any() and (expected[finite] <= 0).any()  # overlapping and disjoint pairs
+  fn = getattr(B, name)
+  np.testing.assert_array_equal(jax.jit(lambda x, y: fn(x, y, eps=0.0))(a, b), expected)  # NaN where NaN
+  guarded = np.asarray(jax.jit(fn)(a, b))
+  assert np.isfinite(guarded).all()
+  np.testing.assert_array_equal(guarded[finite], expected[finite])
+
+
+@pytest.mark.parametrize("weights", [(1.0, 1.0, 1.0, 1.0), (10.0, 10.0, 5.0, 5.0)])
+def test_box_coder_matches_torchvision(torchvision, weights):
+  from torchvision.models.detection._utils import BoxCoder  # pylint: disable=import-outside-toplevel
+  coder = BoxCoder(weights)  # its default clamp is log(1000 / 16), as decode_boxes's
+  rng = np.random.default_rng(9)
+  gt, proposals = random_boxes(rng, 50), random_boxes(rng, 50)
+  expected = coder.encode_single(torch.from_numpy(gt), torch.from_numpy(proposals)).numpy()
+  codes = np.array(jax.jit(B.encode_boxes, static_argnums=2)(gt, proposals, weights))
+  np.testing.assert_allclose(codes, expected, rtol=1e-6, atol=1e-6)
+  codes[:5, 2:] = 20.0  # past the clamp
+  expected = coder.decode_single(torch.from_numpy(codes), torch.from_numpy(proposals)).numpy()
+  decoded = np.asarray(jax.jit(B.decode_boxes, static_argnums=2)(codes, proposals, weights))
+  np.testing.assert_allclose(decoded, expected, rtol=1e-6, atol=1e-4)

@@ -1,8 +1,11 @@
-"""roi_align / multiscale_roi_align / fpn_level_assignment against a NumPy port of torchvision's CPU kernel.
+"""roi_align / multiscale_roi_align / fpn_level_assignment against torchvision.ops.roi_align and a NumPy port.
 
-The port below is a direct loop-over-RoIs/bins/samples transcription of ``roi_align_kernel.cpp`` (forward and
-backward) from shared/REFERENCE.md, done in the kernel's scalar type ``T`` (float64 or float32 NumPy scalars).
-Most tests run JAX with x64 enabled so that both sides do the same float64 arithmetic and agree to ~1e-12.
+The port below is a direct loop-over-RoIs/bins/samples transcription of torchvision's CPU kernel
+(``torchvision/csrc/ops/cpu/roi_align_kernel.cpp`` and its ``roi_align_common.h``, forward and backward), done
+in the kernel's scalar type ``T`` (float64 or float32 NumPy scalars); it runs without torchvision and covers
+cvjax's own ``max_sampling_grid``. The same cases also run against ``torchvision.ops.roi_align`` itself, forward
+and backward (torch autograd). Most tests run JAX with x64 enabled so that both sides do the same float64
+arithmetic and agree to ~1e-12.
 """
 
 import math
@@ -11,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from rois import random_rois, torch_forward_backward
 
 from cvjax.ops.roi_align import fpn_level_assignment, multiscale_roi_align, roi_align
 
@@ -100,15 +104,14 @@ def x64():
     yield
 
 
-def random_rois(rng, num, batch, low, high):
-  """[num, 5] rois with corners uniform in [low, high) (so partly/fully outside boxes occur), x1 <= x2."""
-  xy = rng.uniform(low, high, (num, 4))
-  boxes = np.concatenate([np.minimum(xy[:, :2], xy[:, 2:]), np.maximum(xy[:, :2], xy[:, 2:])], axis=1)
-  return np.concatenate([rng.integers(0, batch, (num, 1)), boxes], axis=1)
-
-
 def edge_rois(height, width):
-  """Boxes covering REFERENCE.md's edge cases, on a map of the given size (scale 1)."""
+  """[12, 5] rois at the kernel's edge cases, on a map of the given size (scale 1).
+
+  Fully and partly outside the map; single samples exactly at -1 and at H (inside: clamped to the border pixel)
+  and just beyond -1 (outside: a zero that still counts in the average); zero and negative sizes (kept by
+  aligned=True, raised to 1 pixel by aligned=False); sub-pixel; much larger than the map; exact multiples of the
+  output size; the whole map.
+  """
   h, w = float(height), float(width)
   return np.array([
       [0, 30.0, 30.0, 40.0, 45.0],  # fully outside (bottom right)
@@ -247,6 +250,46 @@ def test_empty_rois_and_bad_inputs():
     roi_align(features, jnp.zeros((2, 5)), (0, 2))
   with pytest.raises(ValueError, match="method"):
     roi_align(features, jnp.zeros((2, 5)), 2, method="fast")
+
+
+# ------------------------------------------------------------------------------- torchvision.ops itself
+def torchvision_problem(rng, dtype, height, width, spatial_scale):
+  """``(features [2, H, W, 3], rois [28, 5])``: the edge cases (in image pixels) and random partly-outside boxes."""
+  features = rng.standard_normal((2, height, width, 3)).astype(dtype)
+  edges = edge_rois(height, width)
+  edges[:, 1:] /= spatial_scale
+  corners = random_rois(rng, 16, 2, -4.0 / spatial_scale, (max(height, width) + 2) / spatial_scale)
+  return features, np.concatenate([edges, corners]).astype(dtype)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("sampling_ratio", [-1, 2])
+@pytest.mark.parametrize("aligned", [False, True])
+def test_forward_and_backward_match_torchvision(torchvision, x64, method, sampling_ratio, aligned):
+  rng = np.random.default_rng(8)
+  features, rois = torchvision_problem(rng, np.float64, 9, 11, 0.5)
+  cotangent = rng.standard_normal((len(rois), 3, 4, 3))
+  args = ((3, 4), 0.5, sampling_ratio, aligned)
+  expected, expected_grad = torch_forward_backward(torchvision.ops.roi_align, features, rois, cotangent, *args)
+  out, vjp = jax.vjp(jax.jit(lambda f: roi_align(f, jnp.asarray(rois), *args, method=method)), jnp.asarray(features))
+  assert (np.abs(expected).max(axis=(1, 2, 3)) > 0.05).sum() > len(rois) / 2  # most RoIs pool something
+  np.testing.assert_allclose(out, expected, rtol=1e-12, atol=1e-12)
+  np.testing.assert_allclose(vjp(jnp.asarray(cotangent))[0], expected_grad, rtol=1e-11, atol=1e-12)
+
+
+@pytest.mark.parametrize("sampling_ratio", [-1, 2])
+@pytest.mark.parametrize("aligned", [False, True])
+def test_float32_matches_torchvision(torchvision, sampling_ratio, aligned):
+  # float32 end to end, at a scale that is not a power of two (x * 0.3 rounds) and a 7x7 output.
+  rng = np.random.default_rng(9)
+  features, rois = torchvision_problem(rng, np.float32, 10, 13, 0.3)
+  cotangent = rng.standard_normal((len(rois), 7, 7, 3)).astype(np.float32)
+  args = (7, 0.3, sampling_ratio, aligned)
+  expected, expected_grad = torch_forward_backward(torchvision.ops.roi_align, features, rois, cotangent, *args)
+  out, vjp = jax.vjp(jax.jit(lambda f: roi_align(f, jnp.asarray(rois), *args)), jnp.asarray(features))
+  assert out.dtype == np.float32 and np.abs(expected).max() > 0.5
+  np.testing.assert_allclose(out, expected, rtol=2e-5, atol=2e-6)
+  np.testing.assert_allclose(vjp(jnp.asarray(cotangent))[0], expected_grad, rtol=1e-4, atol=1e-5)
 
 
 # -------------------------------------------------------------------------------------------- multi-scale

@@ -1,8 +1,10 @@
-"""roi_pool against a NumPy port of torchvision's CPU kernel (roi_pool_kernel.cpp), forward and backward.
+"""roi_pool against torchvision.ops.roi_pool and a NumPy port of its CPU kernel, forward and backward.
 
-The port loops over RoIs, bins, channels and bin pixels in the kernel's scalar type ``T`` and keeps its argmax
-(running max from -FLT_MAX with a strict ``>``); the backward adds each output gradient at that argmax.
-Max pooling does no arithmetic on the values, so the comparisons are exact.
+The port (of ``torchvision/csrc/ops/cpu/roi_pool_kernel.cpp``; it runs without torchvision) loops over RoIs,
+bins, channels and bin pixels in the kernel's scalar type ``T`` and keeps its argmax (running max from -FLT_MAX
+with a strict ``>``); the backward adds each output gradient at that argmax. The same problems also run against
+``torchvision.ops.roi_pool`` itself, its gradient through torch autograd. Max pooling does no arithmetic on the
+values, so the forward comparisons are exact.
 """
 
 import math
@@ -11,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from rois import random_rois, torch_forward_backward
 
 from cvjax.ops.roi_pool import roi_pool
 
@@ -55,19 +58,12 @@ def port_roi_pool(features, rois, pooled, scale=1.0, dtype=np.float64):
 def port_roi_pool_backward(grad, argmax, shape, rois):
   """Adds each output gradient at its argmax (nothing where argmax is -1)."""
   grad_in = np.zeros(shape)
-  width, channels = shape[2], shape[3]
+  width = shape[2]
   for k, ph, pw, c in np.ndindex(grad.shape):
     a = argmax[k, ph, pw, c]
     if a >= 0:
       grad_in[int(rois[k, 0]), a // width, a % width, c] += grad[k, ph, pw, c]
   return grad_in
-
-
-def random_rois(rng, num, batch, low, high):
-  """[num, 5] rois, corners uniform in [low, high) rounded to quarters (so that .5 ties occur), x1 <= x2."""
-  xy = np.round(rng.uniform(low, high, (num, 4)) * 4) / 4
-  boxes = np.concatenate([np.minimum(xy[:, :2], xy[:, 2:]), np.maximum(xy[:, :2], xy[:, 2:])], axis=1)
-  return np.concatenate([rng.integers(0, batch, (num, 1)), boxes], axis=1)
 
 
 @pytest.fixture
@@ -84,7 +80,8 @@ def run(features, rois, *args):
 def test_random_boxes_match_port(x64, scale):
   rng = np.random.default_rng(0)
   features = rng.integers(-3, 4, (2, 9, 11, 3)).astype(np.float64)  # small integers: many ties
-  rois = np.concatenate([random_rois(rng, 20, 2, -6.0, 16.0 / scale), [[0, 30, 30, 40, 40], [1, 5, 6, 2, 1]]])
+  rois = np.concatenate([random_rois(rng, 20, 2, -6.0, 16.0 / scale, quantum=0.25),
+                         [[0, 30, 30, 40, 40], [1, 5, 6, 2, 1]]])
   expected, _ = port_roi_pool(features, rois, (3, 4), scale)
   np.testing.assert_array_equal(run(features, rois, (3, 4), scale), expected)
 
@@ -102,7 +99,7 @@ def test_rounding_is_half_away_from_zero(x64):
 def test_gradient_goes_to_first_argmax(x64):
   rng = np.random.default_rng(1)
   features = rng.integers(0, 3, (2, 7, 8, 2)).astype(np.float64)  # heavy ties
-  rois = random_rois(rng, 12, 2, -3.0, 10.0)
+  rois = random_rois(rng, 12, 2, -3.0, 10.0, quantum=0.25)
   expected, argmax = port_roi_pool(features, rois, (2, 3))
   cotangent = rng.standard_normal(expected.shape)
   out, vjp = jax.vjp(jax.jit(lambda f: roi_pool(f, jnp.asarray(rois), (2, 3))), jnp.asarray(features))
@@ -130,7 +127,7 @@ def test_nan_and_very_negative_values_are_never_picked(x64):
 def test_float32_matches_float32_port():
   rng = np.random.default_rng(3)
   features = rng.standard_normal((2, 10, 9, 3)).astype(np.float32)
-  rois = random_rois(rng, 24, 2, -4.0, 40.0).astype(np.float32)
+  rois = random_rois(rng, 24, 2, -4.0, 40.0, quantum=0.25).astype(np.float32)
   expected, _ = port_roi_pool(features, rois, (7, 7), 0.25, dtype=np.float32)
   out = run(features, rois, 7, 0.25)
   assert out.dtype == np.float32
@@ -157,3 +154,47 @@ def test_empty_rois_and_bad_inputs():
     roi_pool(features, jnp.zeros((2, 6)), 2)
   with pytest.raises(ValueError, match="output_size"):
     roi_pool(features, jnp.zeros((2, 5)), -1)
+
+
+# ------------------------------------------------------------------------------- torchvision.ops itself
+def check_against_torchvision(torchvision, features, rois, output_size, spatial_scale, rng):
+  """cvjax's forward equals torchvision's exactly, its gradient torchvision's autograd; returns the output."""
+  cotangent = rng.standard_normal((len(rois), *output_size, features.shape[-1])).astype(features.dtype)
+  expected, expected_grad = torch_forward_backward(torchvision.ops.roi_pool, features, rois, cotangent,
+                                                   output_size, spatial_scale)
+  out, vjp = jax.vjp(jax.jit(lambda f: roi_pool(f, jnp.asarray(rois), output_size, spatial_scale)),
+                     jnp.asarray(features))
+  np.testing.assert_array_equal(out, expected)
+  # Several bins can pick the same pixel: the sums may round differently in float32.
+  np.testing.assert_allclose(vjp(jnp.asarray(cotangent))[0], expected_grad, rtol=1e-6, atol=1e-6)
+  assert np.count_nonzero(expected_grad) > 0
+  return expected
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.5, 0.3])
+def test_forward_and_backward_match_torchvision(torchvision, x64, scale):
+  rng = np.random.default_rng(5)
+  features = rng.integers(-3, 4, (2, 9, 11, 3)).astype(np.float64)  # small integers: ties, first argmax wins
+  rois = np.concatenate([random_rois(rng, 20, 2, -6.0, 16.0 / scale, quantum=0.25),
+                         [[0, 30 / scale, 30 / scale, 40 / scale, 40 / scale], [1, 5, 6, 2, 1]]])
+  out = check_against_torchvision(torchvision, features, rois, (3, 4), scale, rng)
+  assert (out[-2] == 0).all()  # outside the map: empty bins
+  assert (np.abs(out).max(axis=(1, 2, 3)) > 0).mean() > 0.5  # most RoIs pick something
+
+
+def test_float32_matches_torchvision(torchvision):
+  rng = np.random.default_rng(6)
+  features = rng.standard_normal((2, 10, 9, 3)).astype(np.float32)
+  rois = random_rois(rng, 24, 2, -4.0, 40.0, quantum=0.25).astype(np.float32)
+  check_against_torchvision(torchvision, features, rois, (7, 7), 0.25, rng)
+
+
+def test_nan_and_minus_inf_match_torchvision(torchvision):
+  rng = np.random.default_rng(7)
+  features = rng.standard_normal((1, 6, 6, 4)).astype(np.float32)
+  features[0, 1:3, 1:3, 0] = np.nan
+  features[0, :, :, 1] = -np.inf  # nothing beats -FLT_MAX: output -FLT_MAX, no gradient
+  features[0, 2, 2, 3] = np.nan
+  rois = np.array([[0, 0.0, 0.0, 5.0, 5.0], [0, 1.0, 1.0, 2.0, 2.0], [0, 0.0, 0.0, 1.0, 1.0]], np.float32)
+  out = check_against_torchvision(torchvision, features, rois, (2, 2), 1.0, rng)
+  assert (out[..., 1] == -FLT_MAX).all()

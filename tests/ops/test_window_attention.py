@@ -1,4 +1,11 @@
-"""Swin window ops against NumPy references of the semantics in shared/REFERENCE.md and HF's SwinLayer."""
+"""Swin window ops against NumPy references of microsoft/Swin-Transformer's ``swin_transformer.py`` and HF's SwinLayer.
+
+The semantics checked: windows batch-major then row-major over the window grid, tokens row-major inside a
+window; ``relative_position_index`` as Swin's ``(dy + ws - 1) * (2 ws - 1) + (dx + ws - 1)``; the shifted-window
+mask labels the 9 regions of the rolled map by slice assignment and puts -100 between tokens of different
+regions; maps are zero-padded at the bottom and right to a window multiple; when ``min(H, W) <= window_size``
+the window shrinks to ``min(H, W)`` and the shift is 0.
+"""
 
 import jax
 import jax.numpy as jnp
