@@ -3,7 +3,9 @@
 Semantics (torchvision's): boxes are absolute xyxy with areas ``(x2 - x1) * (y2 - y1)``; visit boxes by score,
 descending (ties: lower index first); keep a box unless a box kept before it overlaps it with
 ``IoU > iou_threshold`` (strict). IoU is computed in the boxes' dtype exactly as torchvision computes it, and
-the threshold is cast to that dtype. A NaN IoU (degenerate union ``0 / 0``, or NaN coordinates) never
+compared with the threshold as torchvision does, as a double: a Python-number threshold becomes the largest
+value of the boxes' dtype not above it (``float32(0.1) > 0.1``, so an IoU equal to ``float32(0.1)`` is
+suppressed, as in torchvision); an array threshold is used in the boxes' dtype. A NaN IoU (degenerate union ``0 / 0``, or NaN coordinates) never
 suppresses. ``batched_nms`` only lets boxes of the same class suppress each other -- by masking the
 suppression matrix with class equality (exact), not torchvision's coordinate-offset trick (which loses
 precision for large coordinates in low precision).
@@ -27,6 +29,7 @@ from typing import Optional, Tuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from cvjax.ops._args import callable_module
 from cvjax.ops.boxes import _check_boxes, _iou
@@ -45,6 +48,17 @@ def _resolve_tile(candidates: jnp.ndarray, suppresses: jnp.ndarray) -> jnp.ndarr
   return jax.lax.while_loop(lambda state: state[1], body, (candidates, jnp.array(True)))[0]
 
 
+def _threshold_in(threshold, dtype) -> jnp.ndarray:
+  """``threshold`` in ``dtype`` such that ``iou > result`` equals ``iou > threshold`` evaluated exactly (the
+  largest ``dtype`` value not above a Python number; an array is cast as it is)."""
+  if not isinstance(threshold, (int, float, np.integer, np.floating)):
+    return jnp.asarray(threshold, dtype)
+  rounded = np.asarray(threshold, dtype)
+  if float(rounded) > float(threshold):
+    rounded = np.nextafter(rounded, np.asarray(-np.inf, dtype))
+  return jnp.asarray(rounded)
+
+
 def _nms(boxes: jnp.ndarray, scores: jnp.ndarray, classes: Optional[jnp.ndarray], iou_threshold,
          max_output_size: int, score_threshold) -> Tuple[jnp.ndarray, jnp.ndarray]:
   boxes = _check_boxes(boxes, "boxes")
@@ -61,7 +75,7 @@ def _nms(boxes: jnp.ndarray, scores: jnp.ndarray, classes: Optional[jnp.ndarray]
   if n == 0 or max_output_size == 0:
     return jnp.full((max_output_size,), -1, jnp.int32), jnp.zeros((), jnp.int32)
   scores = scores.astype(jnp.promote_types(scores.dtype, jnp.float32))
-  threshold = jnp.asarray(iou_threshold, boxes.dtype)
+  threshold = _threshold_in(iou_threshold, boxes.dtype)
   class_aware = classes is not None
   classes = jnp.asarray(classes) if class_aware else jnp.zeros((n,), jnp.int32)
 
