@@ -9,7 +9,8 @@ preloads them with torchvision's bundled ``libcudart``, and imports torchvision 
 (``torchvision.ops``) and ``torchvision.models`` then work as usual. A normal torch + torchvision install is
 imported as it is.
 
-Only tests use this (``tests/conftest.py`` calls it before anything imports ``transformers``).
+Only tests and benchmarks use this (``tests/conftest.py`` and ``benchmarks/_torch_imports.py`` call it before
+anything imports ``transformers``); cvjax itself never imports torchvision.
 """
 
 from __future__ import annotations
