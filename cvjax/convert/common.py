@@ -7,7 +7,8 @@ PyTorch key without a leaf, a leaf without a key, or a shape mismatch is an erro
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
+import re
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import flax
 import jax
@@ -105,3 +106,113 @@ def load_state_dict(module: Any, state_dict: Mapping[str, Any], *, input_shape: 
   if problems:
     raise ValueError(f"{source} does not match {type(module).__name__}:\n  " + "\n  ".join(problems))
   return flax.traverse_util.unflatten_dict(flat_variables)
+
+
+# ---- HF configs ---------------------------------------------------------------------------------------------
+
+def _gelu(x):
+  return jax.nn.gelu(x, approximate=False)
+
+
+def _gelu_tanh(x):
+  return jax.nn.gelu(x, approximate=True)
+
+
+def _gelu_10(x):
+  return jnp.clip(_gelu(x), -10.0, 10.0)
+
+
+def _quick_gelu(x):
+  return x * jax.nn.sigmoid(1.702 * x)
+
+
+def _relu_squared(x):
+  return jnp.square(jax.nn.relu(x))
+
+
+def _leaky_relu(x):
+  return jax.nn.leaky_relu(x, 0.01)  # torch.nn.LeakyReLU's default slope
+
+
+def _mish(x):
+  return x * jnp.tanh(jax.nn.softplus(x))
+
+
+def _identity(x):
+  return x
+
+
+# HF ``ACT2FN`` names -> the same function in JAX (module-level functions, so that modules stay hashable). The
+# tanh GELUs (gelu_new, gelu_fast, gelu_accurate, gelu_pytorch_tanh) differ only in how they write the
+# constant sqrt(2 / pi). Activations with parameters (prelu, xielu) and the rarely used laplace and
+# sqrtsoftplus are not here.
+HF_ACTIVATIONS: Dict[str, Callable[[jnp.ndarray], jnp.ndarray]] = {
+    "gelu": _gelu, "gelu_python": _gelu, "gelu_10": _gelu_10, "gelu_new": _gelu_tanh, "gelu_fast": _gelu_tanh,
+    "gelu_accurate": _gelu_tanh, "gelu_pytorch_tanh": _gelu_tanh, "gelu_python_tanh": _gelu_tanh,
+    "quick_gelu": _quick_gelu, "relu": jax.nn.relu, "relu2": _relu_squared, "relu6": jax.nn.relu6,
+    "leaky_relu": _leaky_relu, "silu": jax.nn.silu, "swish": jax.nn.silu, "hardswish": jax.nn.hard_swish,
+    "mish": _mish, "sigmoid": jax.nn.sigmoid, "tanh": jnp.tanh, "linear": _identity,
+}
+
+
+def hf_activation(config: Any, field: str, problems: List[str]) -> Callable[[jnp.ndarray], jnp.ndarray]:
+  """The JAX function for the activation named by ``config.<field>``; an unknown name is appended to
+  ``problems`` (and relu returned, so that the caller can go on collecting problems)."""
+  name = getattr(config, field)
+  if name not in HF_ACTIVATIONS:
+    problems.append(f"{field}={name!r} (cvjax has {', '.join(sorted(HF_ACTIVATIONS))})")
+    return jax.nn.relu
+  return HF_ACTIVATIONS[name]
+
+
+# What the converters make of the fields every transformers config has (``PreTrainedConfig``; 4.x adds the
+# generation, tokenizer and TF/Flax fields, read only by text models and generation). None of them shapes a
+# vision model's forward pass, except ``pruned_heads`` (4.x), which changes attention widths and is refused.
+# ``dtype`` / ``torch_dtype``: weights are converted to float32 and the cvjax module computes in float32 (pass
+# ``dtype=`` to the module for bfloat16); ``id2label`` / ``label2id`` / ``num_labels``: the head's width.
+def generic_config_fields() -> frozenset:
+  """The field names of the installed transformers' base config class (``PreTrainedConfig().to_dict()``)."""
+  import transformers  # only called with an HF model at hand, so transformers is installed
+
+  base = getattr(transformers, "PreTrainedConfig", None) or transformers.PretrainedConfig
+  return frozenset(base().to_dict())
+
+
+def generic_config_problems(config: Any) -> List[str]:
+  """Problems with the fields that every HF config has (see ``generic_config_fields``)."""
+  pruned = getattr(config, "pruned_heads", None)
+  return [f"pruned_heads={pruned!r} (pruned attention heads are not supported)"] if pruned else []
+
+
+def raise_if_unsupported(what: str, problems: Iterable[str]) -> None:
+  """Raises one ValueError listing every ``'field=value (why)'`` in ``problems``, if there are any."""
+  problems = list(problems)
+  if problems:
+    raise ValueError(f"{what} not supported by cvjax.convert: " + "; ".join(problems))
+
+
+def rename_keys(state_dict: Mapping[str, Any], rules: Sequence[Tuple[str, Optional[str]]]) -> Dict[str, Any]:
+  """``state_dict`` with every key rewritten by the ``(pattern, replacement)`` regex rules, applied in order
+  (``re.sub``); a rule whose replacement is None drops the keys it matches.
+
+  Used to read older transformers layouts: the rules match only old key names, so a state_dict in the current
+  layout passes unchanged.
+
+  Raises:
+    ValueError: when two keys end up with the same name.
+  """
+  renamed, origins = {}, {}
+  for key, value in state_dict.items():
+    new_key = key
+    for pattern, replacement in rules:
+      if replacement is not None:
+        new_key = re.sub(pattern, replacement, new_key)
+      elif re.search(pattern, new_key):
+        new_key = None
+        break
+    if new_key is None:
+      continue
+    if new_key in renamed:
+      raise ValueError(f"state_dict keys {origins[new_key]!r} and {key!r} both map to {new_key!r}")
+    renamed[new_key], origins[new_key] = value, key
+  return renamed

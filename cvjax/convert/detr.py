@@ -1,6 +1,8 @@
 """PyTorch DETR checkpoints -> ``cvjax.models.detection.detr.DETR``, from two layouts.
 
-* HF ``DetrForObjectDetection`` with the HF ResNet backbone: ``from_transformers(hf_model)``.
+* HF ``DetrForObjectDetection`` with the HF ResNet backbone: ``from_transformers(hf_model)``, in the
+  transformers >= 5 layout (``model.encoder.layers.N.mlp.fc1``, ``...self_attn.o_proj``) or the 4.x one
+  (``model.backbone.conv_encoder.model...``, ``...fc1``, ``...out_proj``, renamed by ``LEGACY_KEYS``).
 * The official facebookresearch/detr layout (``torch.hub.load('facebookresearch/detr', 'detr_resnet50')``,
   ``detr-r50-e632da11.pth``): ``from_torch_state_dict('detr_resnet50', state_dict)``, which lands in
   ``from_official_state_dict`` here.
@@ -11,18 +13,76 @@ Nothing is downloaded and torch is not imported here.
 from __future__ import annotations
 
 import re
-from typing import Any, Dict, Mapping, Tuple
+from typing import Any, Dict, List, Mapping, Tuple
 
 import numpy as np
 
 from cvjax.convert import common
-from cvjax.convert.huggingface import _hf_resnet_module_name, register_hf_converter
+from cvjax.convert.huggingface import (RESNET_CONFIG_FIELDS, _hf_resnet_module_name, register_hf_converter,
+                                       resnet_config_problems, resnet_kwargs)
 from cvjax.convert.torchvision import torchvision_module_name
 from cvjax.models import MODELS, create_model
 from cvjax.models.detection.detr import DETR
 
 # Top-level DETR submodules that live under HF's ``model.`` (the heads sit at the root).
-_UNDER_MODEL = ("backbone", "input_projection", "query_position_embeddings", "encoder", "decoder")
+_UNDER_MODEL = ("backbone", "input_projection", "query_position_embeddings", "position_embedding", "encoder",
+                "decoder")
+
+# transformers 4.x key -> 5.x key (re.sub rules, in order; none matches a 5.x key).
+LEGACY_KEYS = (
+    (r"^model\.backbone\.conv_encoder\.model\.", "model.backbone.model."),
+    (r"^model\.backbone\.position_embedding\.", "model.position_embedding."),
+    (r"\.(self_attn|encoder_attn)\.out_proj\.", r".\1.o_proj."),
+    (r"^model\.(encoder|decoder)\.layers\.(\d+)\.(fc1|fc2)\.", r"model.\1.layers.\2.mlp.\3."),
+)
+
+# DetrConfig field -> what detr_from_transformers does with it (see cvjax.convert.huggingface).
+CONFIG_FIELDS = {
+    "backbone_config": "the backbone: a ResNetConfig (HF ResNet backbone), each field as BACKBONE_CONFIG_FIELDS; "
+                       "raises for any other backbone (timm)",
+    "use_timm_backbone": "raises when the model was built with a timm backbone (4.x reads this flag; 5.x "
+                         "decides by backbone_config, checked as above)",
+    "backbone": "no effect: names a timm backbone, refused above",
+    "use_pretrained_backbone": "no effect: whether HF downloads backbone weights at construction; the weights "
+                               "come from the state_dict",
+    "backbone_kwargs": "no effect: options of a timm backbone, refused above",
+    "num_channels": "no effect: sizes only a timm backbone; the HF ResNet backbone's channels are "
+                    "backbone_config.num_channels",
+    "num_queries": "DETR.num_queries",
+    "d_model": "DETR.d_model",
+    "encoder_layers": "DETR.num_encoder_layers",
+    "decoder_layers": "DETR.num_decoder_layers",
+    "num_hidden_layers": "no effect: an alias of encoder_layers (4.x)",
+    "encoder_attention_heads": "DETR.num_heads",
+    "decoder_attention_heads": "DETR.decoder_num_heads",
+    "encoder_ffn_dim": "DETR.ffn_dim",
+    "decoder_ffn_dim": "DETR.decoder_ffn_dim",
+    "activation_function": "DETR.activation; raises for a name not in common.HF_ACTIVATIONS",
+    "dropout": "DETR.dropout_rate and DETR.encoder_input_dropout_rate (HF drops the encoder's input too)",
+    "attention_dropout": "DETR.attention_dropout_rate",
+    "activation_dropout": "DETR.activation_dropout_rate",
+    "encoder_layerdrop": "raises when non-zero (cvjax DETR has no LayerDrop; train-time only, and "
+                         "transformers 5 no longer reads it)",
+    "decoder_layerdrop": "raises when non-zero (as encoder_layerdrop)",
+    "auxiliary_loss": "DETR.decoder_feed_normed_outputs: with it HF feeds each decoder layer the previous "
+                      "layer's LayerNormed output (cvjax always returns the auxiliary predictions)",
+    "position_embedding_type": "DETR.position_embedding_type ('sine' or 'learned')",
+    "dilation": "no effect: HF dilates only timm backbones (refused above); the HF ResNet backbone keeps its "
+                "strides, and so does the converted model",
+    "is_encoder_decoder": "no effect: not read by the model",
+    "init_std": "no effect: initialisation only",
+    "init_xavier_std": "no effect: initialisation only (of the segmentation head)",
+    **{name: "no effect: matching cost / loss weight, read only by the HF loss (cvjax's is in tasks/detr.py)"
+       for name in ("class_cost", "bbox_cost", "giou_cost", "mask_loss_coefficient", "dice_loss_coefficient",
+                    "bbox_loss_coefficient", "giou_loss_coefficient", "eos_coefficient")},
+}
+# The ResNetConfig fields of backbone_config: as for an HF ResNet, except the backbone outputs.
+BACKBONE_CONFIG_FIELDS = {
+    **RESNET_CONFIG_FIELDS,
+    "out_features": "raises unless its last entry is the last stage: DETR reads the last feature map, and the "
+                    "cvjax DETR reads C5",
+    "out_indices": "as out_features (the same choice by index)",
+}
 
 
 def hf_detr_key(path: Tuple[str, ...]) -> str:
@@ -41,54 +101,72 @@ def hf_detr_key(path: Tuple[str, ...]) -> str:
   return f"{module}.{common.TORCH_LEAF_NAMES[leaf]}"
 
 
+def config_problems(config: Any, backbone_class: str = "ResNetBackbone") -> List[str]:
+  """Reasons, as ``'field=value (why)'``, why the cvjax DETR cannot reproduce an HF ``DetrConfig`` whose model
+  built a ``backbone_class`` backbone."""
+  problems = common.generic_config_problems(config)
+  backbone = config.backbone_config
+  backbone_type = getattr(backbone, "model_type", None)
+  if backbone_type != "resnet" or backbone_class != "ResNetBackbone":
+    problems.append(f"backbone_config={backbone_type or backbone!r} (built as {backbone_class}, use_timm_backbone="
+                    f"{getattr(config, 'use_timm_backbone', None)!r}: only the HF ResNet backbone is supported, "
+                    "use_timm_backbone=False with a ResNetConfig)")
+  else:
+    problems += [f"backbone_config.{problem}" for problem in resnet_config_problems(backbone)]
+    if list(backbone.out_features or backbone.stage_names[-1:])[-1:] != backbone.stage_names[-1:]:
+      problems.append(f"backbone_config.out_features={backbone.out_features!r} (DETR reads the last one, which "
+                      f"must be the last stage, {backbone.stage_names[-1]!r})")
+  common.hf_activation(config, "activation_function", problems)
+  if config.position_embedding_type not in ("sine", "learned"):
+    problems.append(f"position_embedding_type={config.position_embedding_type!r} ('sine' or 'learned')")
+  for name in ("encoder_layerdrop", "decoder_layerdrop"):
+    if getattr(config, name, 0):
+      problems.append(f"{name}={getattr(config, name)!r} (cvjax DETR has no LayerDrop: set it to 0)")
+  return problems
+
+
+def convert(config: Any, state_dict: Mapping[str, Any], backbone_class: str = "ResNetBackbone",
+            source: str = "HF DetrForObjectDetection state_dict") -> Tuple[DETR, Dict]:
+  """``(DETR, {'params', 'batch_stats'})`` of an HF ``DetrConfig`` and a ``DetrForObjectDetection`` state_dict in
+  either transformers layout (what ``detr_from_transformers`` does with a model)."""
+  common.raise_if_unsupported("HF DetrConfig", config_problems(config, backbone_class))
+  backbone = resnet_kwargs(config.backbone_config)
+  module = DETR(
+      num_classes=config.num_labels, num_queries=config.num_queries, d_model=config.d_model,
+      num_heads=config.encoder_attention_heads, num_encoder_layers=config.encoder_layers,
+      num_decoder_layers=config.decoder_layers, ffn_dim=config.encoder_ffn_dim,
+      decoder_num_heads=config.decoder_attention_heads, decoder_ffn_dim=config.decoder_ffn_dim,
+      dropout_rate=config.dropout, encoder_input_dropout_rate=config.dropout,
+      attention_dropout_rate=config.attention_dropout, activation_dropout_rate=config.activation_dropout,
+      activation=common.HF_ACTIVATIONS[config.activation_function],
+      position_embedding_type=config.position_embedding_type,
+      decoder_feed_normed_outputs=bool(config.auxiliary_loss),
+      **{f"backbone_{key}": value for key, value in backbone.items()})
+  variables = common.load_state_dict(module, common.rename_keys(state_dict, LEGACY_KEYS),
+                                     input_shape=(1, 64, 64, config.backbone_config.num_channels),
+                                     torch_key=hf_detr_key, source=source)
+  return module, variables
+
+
 @register_hf_converter("DetrForObjectDetection")
 def detr_from_transformers(hf_model: Any) -> Tuple[DETR, Dict]:
   """HF DETR detector -> (``DETR`` module, ``{'params', 'batch_stats'}``), architecture from ``hf_model.config``.
 
-  Supports the HF ResNet backbone (``use_timm_backbone=False``, ``backbone_config`` a ``ResNetConfig`` with
-  relu) and the sine position embedding. ``module.apply(variables, images_nhwc, pixel_mask=mask,
-  train=False)`` reproduces HF's eval-mode ``logits`` / ``pred_boxes``; its ``aux_outputs`` are the heads
-  on each earlier decoder layer's output after the decoder LayerNorm (original DETR; HF computes these only
-  with ``auxiliary_loss=True``, which also feeds the normalised states to the next layer).
+  Supports the HF ResNet backbone (``use_timm_backbone=False``, ``backbone_config`` a ``ResNetConfig``) and
+  every other config field (``CONFIG_FIELDS``): layer counts, heads and FFN widths per part, activation,
+  dropouts, sine or learned position embedding, ``auxiliary_loss``. ``module.apply(variables, images_nhwc,
+  pixel_mask=mask, train=False)`` reproduces HF's eval-mode ``logits`` / ``pred_boxes``; its ``aux_outputs``
+  are the heads on each earlier decoder layer's output after the decoder LayerNorm (HF's auxiliary outputs,
+  which HF computes only with ``auxiliary_loss=True``).
 
   Raises:
-    ValueError: for configs the cvjax DETR cannot express (timm backbone, learned position embedding,
-      non-relu activations, different encoder/decoder head counts or FFN widths) and for state_dicts that do
-      not match (listing unexpected keys, missing keys and shape mismatches).
+    ValueError: naming each config field whose value the cvjax DETR cannot reproduce (a timm backbone, an
+      activation it does not have, a backbone output other than the last stage, LayerDrop), or listing the
+      state_dict's unexpected keys, missing keys and shape mismatches.
   """
-  config = hf_model.config
-  backbone = config.backbone_config
-  unsupported = []
-  if getattr(backbone, "model_type", None) != "resnet":
-    unsupported.append(f"backbone {getattr(backbone, 'model_type', backbone)!r} (only the HF ResNet "
-                       "backbone, use_timm_backbone=False, is supported)")
-  elif backbone.hidden_act != "relu":
-    unsupported.append(f"backbone hidden_act {backbone.hidden_act!r}")
-  if config.position_embedding_type != "sine":
-    unsupported.append(f"position_embedding_type {config.position_embedding_type!r}")
-  if config.activation_function != "relu":
-    unsupported.append(f"activation_function {config.activation_function!r}")
-  if config.encoder_attention_heads != config.decoder_attention_heads:
-    unsupported.append(f"encoder/decoder heads {config.encoder_attention_heads}/{config.decoder_attention_heads}")
-  if config.encoder_ffn_dim != config.decoder_ffn_dim:
-    unsupported.append(f"encoder/decoder ffn dims {config.encoder_ffn_dim}/{config.decoder_ffn_dim}")
-  if unsupported:
-    raise ValueError("HF DETR config not supported by cvjax DETR: " + "; ".join(unsupported))
-  if list(getattr(backbone, "out_features", None) or [backbone.stage_names[-1]]) != [backbone.stage_names[-1]]:
-    raise ValueError(f"HF DETR backbone out_features {backbone.out_features} must be the last stage only")
-
-  module = DETR(
-      num_classes=config.num_labels, num_queries=config.num_queries, d_model=config.d_model,
-      num_heads=config.encoder_attention_heads, num_encoder_layers=config.encoder_layers,
-      num_decoder_layers=config.decoder_layers, ffn_dim=config.encoder_ffn_dim, dropout_rate=config.dropout,
-      attention_dropout_rate=config.attention_dropout, activation_dropout_rate=config.activation_dropout,
-      backbone_stage_sizes=tuple(backbone.depths), backbone_block_type=backbone.layer_type,
-      backbone_stem_width=backbone.embedding_size, backbone_stage_widths=tuple(backbone.hidden_sizes),
-      backbone_stride_in_1x1=backbone.downsample_in_bottleneck,
-      backbone_downsample_in_first_stage=backbone.downsample_in_first_stage)
-  variables = common.load_state_dict(module, hf_model.state_dict(), input_shape=(1, 64, 64, backbone.num_channels),
-                                     torch_key=hf_detr_key, source="HF DetrForObjectDetection state_dict")
-  return module, variables
+  backbone = hf_model.model.backbone
+  backbone_class = type(getattr(backbone, "conv_encoder", backbone).model).__name__  # 4.x: under conv_encoder
+  return convert(hf_model.config, hf_model.state_dict(), backbone_class)
 
 
 # ---- The official facebookresearch/detr layout ----------------------------------------------------------
@@ -103,6 +181,8 @@ _OFFICIAL_SUBLAYERS = {
 _OFFICIAL_FEED_FORWARD = {"fc1": "linear1", "fc2": "linear2"}
 _OFFICIAL_HEADS = {"input_projection": "input_proj", "query_position_embeddings": "query_embed",
                    "class_labels_classifier": "class_embed", "bbox_predictor": "bbox_embed"}
+# The learned position embedding (Joiner[1] = PositionEmbeddingLearned).
+_OFFICIAL_POSITION = {"row_embeddings": "backbone.1.row_embed", "column_embeddings": "backbone.1.col_embed"}
 # nn.MultiheadAttention stacks the q, k and v projections row-wise in one in_proj_weight / in_proj_bias.
 _FUSED_PARTS = ("q", "k", "v")
 _FUSED_SUFFIXES = (".in_proj_weight", ".in_proj_bias")
@@ -121,6 +201,8 @@ def official_detr_key(path: Tuple[str, ...]) -> str:
   torch_leaf = common.TORCH_LEAF_NAMES[leaf]
   if head == "backbone":
     return f"{_OFFICIAL_BACKBONE}{torchvision_module_name(tuple(modules))}.{torch_leaf}"
+  if head == "position_embedding":
+    return f"{_OFFICIAL_POSITION[modules[0]]}.{torch_leaf}"
   if head in _OFFICIAL_HEADS:  # bbox_predictor/layers_2 -> bbox_embed.layers.2
     return f"{torchvision_module_name((_OFFICIAL_HEADS[head], *modules))}.{torch_leaf}"
   if modules == ["layernorm"]:  # the decoder's final norm, shared by every decoder output
@@ -161,8 +243,9 @@ def read_official_architecture(state_dict: Mapping[str, Any]) -> Dict[str, Any]:
 
   ``num_classes`` = class_embed rows - 1 (the last row is "no object"), ``num_queries`` / ``d_model`` from
   query_embed, layer counts from the highest ``layers.<i>`` index (a gap is then reported as missing keys),
-  ``ffn_dim`` from the first encoder ``linear1``, and the backbone's block type (``conv3`` present =
-  bottleneck), blocks per stage and widths. What a state_dict cannot tell: the number of attention heads
+  ``ffn_dim`` from the first encoder ``linear1``, the position embedding (``backbone.1.row_embed`` present =
+  learned), and the backbone's block type (``conv3`` present = bottleneck), blocks per stage and widths. What a
+  state_dict cannot tell: the number of attention heads
   (not saved by ``nn.MultiheadAttention``), DC5 dilation and dropout rates.
 
   Raises:
@@ -189,6 +272,7 @@ def read_official_architecture(state_dict: Mapping[str, Any]) -> Dict[str, Any]:
       num_classes=rows["classes"] - 1, num_queries=num_queries, d_model=d_model,
       num_encoder_layers=last_index(r"transformer\.encoder\.layers\.(\d+)\.") + 1,
       num_decoder_layers=last_index(r"transformer\.decoder\.layers\.(\d+)\.") + 1, ffn_dim=rows["ffn"],
+      position_embedding_type="learned" if f"{_OFFICIAL_POSITION['row_embeddings']}.weight" in state_dict else "sine",
       backbone_block_type=block_type, backbone_stage_sizes=stage_sizes, backbone_stem_width=rows["stem"],
       backbone_stage_widths=tuple(rows[f"stage{stage}"] for stage in range(1, 5)))
 

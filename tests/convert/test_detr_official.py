@@ -18,7 +18,7 @@ import pytest
 import torch
 from transformers import DetrConfig, DetrForObjectDetection, ResNetConfig
 
-from cvjax.convert import from_torch_state_dict
+from cvjax.convert import common, detr, from_torch_state_dict
 from detr_reference import padded_batch, randomised_hf_detr
 
 TOLERANCE = dict(rtol=1e-4, atol=1e-4)
@@ -60,6 +60,7 @@ _RENAMES = [
     (r"model\.backbone\.model\.encoder\.stages\.(\d+)\.layers\.(\d+)\.shortcut\.normalization\.(\w+)",
      lambda m: f"backbone.0.body.layer{int(m[1]) + 1}.{m[2]}.downsample.1.{m[3]}"),
     (r"model\.input_projection\.(\w+)", r"input_proj.\1"),
+    (r"model\.position_embedding\.(row|col)\w*_embeddings\.weight", r"backbone.1.\1_embed.weight"),
     (r"model\.query_position_embeddings\.weight", "query_embed.weight"),
     (r"model\.(encoder|decoder)\.layers\.(\d+)\.(self_attn|encoder_attn|self_attn_layer_norm|encoder_attn_layer_norm"
      r"|final_layer_norm|mlp\.fc1|mlp\.fc2)\.(.+)", _sublayer_key),
@@ -72,7 +73,8 @@ _RENAMES = [
 def official_state_dict(hf_model):
   """The official facebookresearch/detr state_dict of an HF DETR (every HF tensor used exactly once)."""
   renamed = {}
-  for key, value in hf_model.state_dict().items():
+  # The rules above are written for transformers 5's names; 4.x's are brought to them first.
+  for key, value in common.rename_keys(hf_model.state_dict(), detr.LEGACY_KEYS).items():
     targets = [re.sub(pattern, replacement, key) for pattern, replacement in _RENAMES if re.fullmatch(pattern, key)]
     assert len(targets) == 1, f"the test's rename has {len(targets)} rules for HF key {key}"
     renamed[targets[0]] = value
@@ -118,6 +120,15 @@ def test_basic_blocks_and_the_dc5_name_that_sets_dilation_with_the_same_weights(
   module, variables = from_torch_state_dict("detr_resnet18_dc5", state_dict, num_heads=HEADS)
   assert module.dilation and not plain_module.dilation
   assert jax.tree_util.tree_all(jax.tree_util.tree_map(np.array_equal, variables, plain))
+
+
+def test_learned_position_embedding_is_read_from_the_state_dict():
+  hf_model = _hf_model(decoder_layers=2, position_embedding_type="learned")
+  state_dict = official_state_dict(hf_model)
+  assert state_dict["backbone.1.col_embed.weight"].shape == (50, 16)
+  module, variables = from_torch_state_dict("detr_resnet18", state_dict, num_heads=HEADS)
+  assert module.position_embedding_type == "learned"
+  _check_parity(hf_model, module, variables)
 
 
 def test_full_size_detr_r50_layout_is_read_from_the_state_dict():

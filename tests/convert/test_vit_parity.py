@@ -1,6 +1,7 @@
-"""from_transformers: a small random HF ViTForImageClassification (no download) against its conversion."""
+"""from_transformers: small random HF ViTForImageClassification models (no download) against their conversion."""
 
 import functools
+import re
 
 import jax
 import numpy as np
@@ -8,10 +9,19 @@ import pytest
 import torch
 from transformers import ViTConfig, ViTForImageClassification
 
-from cvjax.convert import from_transformers
+from cvjax.convert import common, from_transformers, vit
 
 SMALL = dict(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
              intermediate_size=64, num_labels=5)
+
+# transformers 5 key -> 4.x key, as 4.45's ViTForImageClassification names them (written out here, independently
+# of the converter's LEGACY_KEYS).
+_TO_4X = [(r"^vit\.layers\.(\d+)\.attention\.([qkv])_proj\.",
+           lambda m: f"vit.encoder.layer.{m[1]}.attention.attention.{dict(q='query', k='key', v='value')[m[2]]}."),
+          (r"^vit\.layers\.(\d+)\.attention\.o_proj\.", r"vit.encoder.layer.\1.attention.output.dense."),
+          (r"^vit\.layers\.(\d+)\.mlp\.fc1\.", r"vit.encoder.layer.\1.intermediate.dense."),
+          (r"^vit\.layers\.(\d+)\.mlp\.fc2\.", r"vit.encoder.layer.\1.output.dense."),
+          (r"^vit\.layers\.(\d+)\.", r"vit.encoder.layer.\1.")]
 
 
 def small_hf_vit(seed=0, **overrides):
@@ -28,9 +38,17 @@ def small_hf_vit(seed=0, **overrides):
   return model.eval()
 
 
-def _images(height, width, seed=0):
-  x = np.random.default_rng(seed).standard_normal((2, 3, height, width), dtype=np.float32)
+def _images(height, width, seed=0, channels=3):
+  x = np.random.default_rng(seed).standard_normal((2, channels, height, width), dtype=np.float32)
   return torch.from_numpy(x), x.transpose(0, 2, 3, 1)
+
+
+def _check_logits(hf_model, module, variables, height, width, seed=0, **hf_kwargs):
+  x_nchw, x_nhwc = _images(height, width, seed, hf_model.config.num_channels)
+  with torch.no_grad():
+    expected = hf_model(x_nchw, **hf_kwargs).logits.numpy()
+  assert np.abs(expected).max() > 0.5  # the comparison is not between near-zeros
+  np.testing.assert_allclose(module.apply(variables, x_nhwc, train=False), expected, rtol=1e-4, atol=1e-4)
 
 
 def test_logits_and_attention_match_hf():
@@ -53,26 +71,69 @@ def test_logits_and_attention_match_hf():
 @pytest.mark.parametrize("height, width", [(48, 48), (24, 40)])
 def test_other_resolutions_match_hf_interpolate_pos_encoding(height, width):
   hf_model = small_hf_vit(seed=1)
-  x_nchw, x_nhwc = _images(height, width, seed=1)
-  with torch.no_grad():
-    expected = hf_model(x_nchw, interpolate_pos_encoding=True).logits.numpy()
   module, variables = from_transformers(hf_model)
-  np.testing.assert_allclose(module.apply(variables, x_nhwc, train=False), expected, rtol=1e-4, atol=1e-4)
+  _check_logits(hf_model, module, variables, height, width, seed=1, interpolate_pos_encoding=True)
 
 
 def test_layer_norm_eps_and_identity_head_are_carried_over():
   hf_model = small_hf_vit(seed=2, num_labels=0, layer_norm_eps=1e-3)
-  x_nchw, x_nhwc = _images(32, 32, seed=2)
-  with torch.no_grad():
-    expected = hf_model(x_nchw).logits.numpy()
   module, variables = from_transformers(hf_model)
   assert module.num_classes == 0 and module.layer_norm_eps == 1e-3
-  np.testing.assert_allclose(module.apply(variables, x_nhwc, train=False), expected, rtol=1e-4, atol=1e-4)
+  _check_logits(hf_model, module, variables, 32, 32, seed=2)
 
 
-def test_unsupported_activation_and_mismatched_state_dict_are_clear_errors():
-  with pytest.raises(ValueError, match="hidden_act 'relu'"):
-    from_transformers(small_hf_vit(hidden_act="relu"))
+def test_every_other_config_field_off_its_default_is_carried_over():
+  # Non-square image and patches (HF runs them at the native size), no q/k/v bias, the tanh GELU, a 3-head
+  # attention with 8-wide heads, one input channel, 3 layers, dropout rates (train only: checked as fields).
+  hf_model = small_hf_vit(seed=3, image_size=(32, 48), patch_size=(8, 16), qkv_bias=False, hidden_act="gelu_new",
+                          hidden_size=24, num_attention_heads=3, intermediate_size=40, num_hidden_layers=3,
+                          num_channels=1, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.2)
+  module, variables = from_transformers(hf_model)
+  assert (module.image_size, module.patch_size, module.qkv_bias) == ((32, 48), (8, 16), False)
+  assert (module.dropout_rate, module.attention_dropout_rate) == (0.1, 0.2)
+  assert module.activation is common.HF_ACTIVATIONS["gelu_new"]
+  assert "bias" not in variables["params"]["layers_0"]["attention"]["q_proj"]
+  _check_logits(hf_model, module, variables, 32, 48, seed=3)
+
+
+def _state_dict_in_4x_layout(hf_model):
+  state_dict = hf_model.state_dict()
+  if any(".encoder.layer." in key for key in state_dict):  # running on transformers 4.x already
+    return state_dict
+  renamed = {}
+  for key, value in state_dict.items():
+    for pattern, replacement in _TO_4X:
+      if re.match(pattern, key):
+        key = re.sub(pattern, replacement, key)
+        break
+    renamed[key] = value
+  return renamed
+
+
+def test_transformers_4_state_dict_layout_loads_to_the_same_variables():
+  hf_model = small_hf_vit(seed=4)
+  legacy = _state_dict_in_4x_layout(hf_model)
+  assert "vit.encoder.layer.1.attention.attention.query.weight" in legacy
+  assert "vit.encoder.layer.1.intermediate.dense.bias" in legacy
+  module, variables = vit.convert(hf_model.config, legacy)
+  _, expected = from_transformers(hf_model)
+  assert jax.tree_util.tree_all(jax.tree_util.tree_map(np.array_equal, variables, expected))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(hidden_act="laplace"), r"hidden_act='laplace'"),
+    (dict(head_dim=4), r"head_dim=4 x num_attention_heads=4 != hidden_size=32"),
+])
+def test_unsupported_configs_are_errors_that_name_the_field(overrides, message):
+  with pytest.raises(ValueError, match=r"HF ViTConfig not supported .*" + message):
+    from_transformers(small_hf_vit(**overrides))
+
+
+def test_pruned_heads_and_mismatched_state_dict_are_clear_errors():
+  hf_model = small_hf_vit()
+  hf_model.config.pruned_heads = {0: [1]}
+  with pytest.raises(ValueError, match=r"pruned_heads=\{0: \[1\]\}"):
+    from_transformers(hf_model)
   hf_model = small_hf_vit()
   hf_model.vit.embeddings.position_embeddings = torch.nn.Parameter(torch.zeros(1, 5, 32))
   with pytest.raises(ValueError, match="position_embeddings: shape"):

@@ -10,7 +10,7 @@ Input: NHWC float32 images already normalised by the input pipeline (ImageNet me
 from __future__ import annotations
 
 import functools
-from typing import Any, Dict, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Optional, Sequence, Union
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -35,6 +35,8 @@ class ResidualBlock(nn.Module):
     residual: with a shortcut (identity, or 1x1 conv + BN when the shape changes) or plain.
     zero_init_last_bn: start the last BN's scale at 0, so that the block starts as the identity.
     frozen_bn: use ``FrozenBatchNorm`` (statistics and affine in ``batch_stats``, never trained).
+    activation: applied to the block's output, after the residual sum (HF ``hidden_act``); between its
+      convolutions it is always relu, as in HF.
   """
   features: int
   block_type: str = "basic"
@@ -46,6 +48,7 @@ class ResidualBlock(nn.Module):
   frozen_bn: bool = False
   dtype: Any = jnp.float32
   layer_impl: str = "auto"
+  activation: Callable[[jnp.ndarray], jnp.ndarray] = nn.relu
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
@@ -78,7 +81,7 @@ class ResidualBlock(nn.Module):
         shortcut = conv(self.features, 1, strides=self.strides, padding=0, name="downsample_0")(x)
         shortcut = norm(name="downsample_1")(shortcut)
       y = y + shortcut
-    return nn.relu(y)
+    return self.activation(y)
 
 
 class ResNet(nn.Module):
@@ -109,6 +112,8 @@ class ResNet(nn.Module):
     dtype: compute dtype (e.g. ``jnp.bfloat16``); parameters stay float32, logits are returned in float32.
     layer_impl: how convolutions and max-pools run (``layers.conv2d`` / ``layers.max_pool``): ``'xla'`` as
       ``nn.Conv`` / ``nn.max_pool`` do, ``'patches'`` over shifted window views, ``'auto'`` the faster on CPU.
+    activation: the stem's and every block's output activation (HF ``hidden_act``; relu in torchvision and
+      the paper); inside the blocks it is always relu, as in HF.
   """
   stage_sizes: Sequence[int]
   block_type: str = "basic"
@@ -126,6 +131,7 @@ class ResNet(nn.Module):
   frozen_stages: int = 0
   dtype: Any = jnp.float32
   layer_impl: str = "auto"
+  activation: Callable[[jnp.ndarray], jnp.ndarray] = nn.relu
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, *, train: bool,
@@ -154,8 +160,8 @@ class ResNet(nn.Module):
                     dtype=self.dtype, kernel_init=layers.conv_kernel_init, impl=self.layer_impl, name="conv1")(x)
     if not 0 <= self.frozen_stages <= len(self.stage_sizes):
       raise ValueError(f"frozen_stages must be in [0, {len(self.stage_sizes)}], got {self.frozen_stages}")
-    x = nn.relu(layers.batch_norm(train=train and self.frozen_stages == 0, frozen=self.frozen_bn,
-                                  dtype=self.dtype, name="bn1")(x))
+    x = self.activation(layers.batch_norm(train=train and self.frozen_stages == 0, frozen=self.frozen_bn,
+                                          dtype=self.dtype, name="bn1")(x))
     if self.stem == "imagenet":
       x = layers.max_pool(x, 3, 2, padding=1, impl=self.layer_impl)
 
@@ -173,7 +179,7 @@ class ResNet(nn.Module):
             features_out, block_type=self.block_type, strides=stride if block == 0 else 1,
             dilation=first_dilation if block == 0 else dilation, residual=self.residual,
             stride_in_1x1=self.stride_in_1x1, zero_init_last_bn=self.zero_init_last_bn,
-            frozen_bn=self.frozen_bn, dtype=self.dtype, layer_impl=self.layer_impl,
+            frozen_bn=self.frozen_bn, dtype=self.dtype, layer_impl=self.layer_impl, activation=self.activation,
             name=f"layer{stage + 1}_{block}")(x, train=train and stage >= self.frozen_stages)
       features[f"c{stage + 2}"] = x
     if return_features:

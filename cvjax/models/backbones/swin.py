@@ -29,11 +29,12 @@ Input: NHWC float32 images already normalised by the input pipeline.
 from __future__ import annotations
 
 import functools
-from typing import Any, Dict, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
 
 import flax.linen as nn
 import jax.numpy as jnp
 
+from cvjax.models.backbones.vit import gelu
 from cvjax.models.layers import DropPath
 from cvjax.models.registry import MODELS
 from cvjax.ops.window_attention import (crop_window_padding, effective_window_and_shift, pad_to_window_multiple,
@@ -75,14 +76,17 @@ class WindowAttention(nn.Module):
     num_heads: heads; the channel count must divide by it.
     window_size: the configured window side; the bias table is ``[(2 * window_size - 1)**2, num_heads]``.
     qkv_bias: biases on the q/k/v projections.
+    dropout_rate: dropout on the attention probabilities (train only, rng ``'dropout'``).
   """
   num_heads: int
   window_size: int
   qkv_bias: bool = True
   dtype: Any = jnp.float32
+  dropout_rate: float = 0.0
 
   @nn.compact
-  def __call__(self, windows: jnp.ndarray, window: int, mask: Optional[jnp.ndarray]) -> jnp.ndarray:
+  def __call__(self, windows: jnp.ndarray, window: int, mask: Optional[jnp.ndarray], *,
+               train: bool = False) -> jnp.ndarray:
     """``windows [B * nW, window**2, C]`` (``window <= window_size``), optional ``mask [nW, N, N]`` ->
     ``[B * nW, window**2, C]``."""
     num_windows, tokens, channels = windows.shape
@@ -92,20 +96,29 @@ class WindowAttention(nn.Module):
                .reshape(num_windows, tokens, self.num_heads, head_dim).transpose(0, 2, 1, 3) for n in "qkv")
     table = self.param("relative_position_bias_table", trunc_normal,
                        ((2 * self.window_size - 1) ** 2, self.num_heads))
-    out = window_attention(q, k, v, relative_position_bias(table, self.window_size, window), mask)
+    bias = relative_position_bias(table, self.window_size, window)
+    if train and self.dropout_rate:
+      # The dropout sits between the softmax and the value product, inside the op: redo that product here
+      # (under jit the op's own, unused output is dead code).
+      _, probs = window_attention(q, k, v, bias, mask, return_weights=True)
+      probs = nn.Dropout(self.dropout_rate)(probs, deterministic=False)
+      out = jnp.einsum("whnm,whmd->whnd", probs, v)
+    else:
+      out = window_attention(q, k, v, bias, mask)
     return dense(name="o_proj")(out.transpose(0, 2, 1, 3).reshape(num_windows, tokens, channels))
 
 
 class MLP(nn.Module):
-  """``fc2(gelu(fc1(x)))`` with exact (erf) GELU and inner width ``int(mlp_ratio * C)``."""
+  """``fc2(activation(fc1(x)))`` (exact GELU by default) with inner width ``int(mlp_ratio * C)``."""
   mlp_ratio: float = 4.0
   dtype: Any = jnp.float32
+  activation: Callable[[jnp.ndarray], jnp.ndarray] = gelu
 
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
     dense = functools.partial(nn.Dense, dtype=self.dtype, kernel_init=trunc_normal)
     y = dense(int(self.mlp_ratio * x.shape[-1]), name="fc1")(x)
-    return dense(x.shape[-1], name="fc2")(nn.gelu(y, approximate=False))
+    return dense(x.shape[-1], name="fc2")(self.activation(y))
 
 
 class SwinBlock(nn.Module):
@@ -117,6 +130,7 @@ class SwinBlock(nn.Module):
     drop_path_rate: stochastic depth rate of this block.
     dropout_rate: dropout on both residual branches' outputs.
     layer_norm_eps: epsilon of the two LayerNorms.
+    activation, attention_dropout_rate: as in ``Swin``.
   """
   num_heads: int
   window_size: int
@@ -127,6 +141,8 @@ class SwinBlock(nn.Module):
   dropout_rate: float = 0.0
   layer_norm_eps: float = 1e-5
   dtype: Any = jnp.float32
+  activation: Callable[[jnp.ndarray], jnp.ndarray] = gelu
+  attention_dropout_rate: float = 0.0
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
@@ -144,14 +160,14 @@ class SwinBlock(nn.Module):
       y = jnp.roll(y, (-shift, -shift), axis=(1, 2))
       mask = shifted_window_mask(padded_h, padded_w, window, shift)
     windows = window_partition(y, window).reshape(-1, window * window, channels)
-    windows = WindowAttention(self.num_heads, self.window_size, self.qkv_bias, self.dtype, name="attention")(
-        windows, window, mask)
+    windows = WindowAttention(self.num_heads, self.window_size, self.qkv_bias, self.dtype,
+                              self.attention_dropout_rate, name="attention")(windows, window, mask, train=train)
     y = window_reverse(windows.reshape(-1, window, window, channels), window, padded_h, padded_w)
     if shift:
       y = jnp.roll(y, (shift, shift), axis=(1, 2))
     x = x + drop_path(dropout(crop_window_padding(y, pad)))
 
-    y = MLP(self.mlp_ratio, self.dtype, name="mlp")(norm(name="layernorm_after")(x))
+    y = MLP(self.mlp_ratio, self.dtype, self.activation, name="mlp")(norm(name="layernorm_after")(x))
     return x + drop_path(dropout(y))
 
 
@@ -194,6 +210,8 @@ class SwinStage(nn.Module):
   dropout_rate: float = 0.0
   layer_norm_eps: float = 1e-5
   dtype: Any = jnp.float32
+  activation: Callable[[jnp.ndarray], jnp.ndarray] = gelu
+  attention_dropout_rate: float = 0.0
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, *, train: bool) -> Tuple[jnp.ndarray, jnp.ndarray]:
@@ -202,7 +220,7 @@ class SwinStage(nn.Module):
       shift = self.window_size // 2 if self.shifted_windows and i % 2 else 0
       x = SwinBlock(self.num_heads, self.window_size, shift, self.mlp_ratio, self.qkv_bias,
                     self.drop_path_rates[i], self.dropout_rate, self.layer_norm_eps, self.dtype,
-                    name=f"blocks_{i}")(x, train=train)
+                    self.activation, self.attention_dropout_rate, name=f"blocks_{i}")(x, train=train)
     return x, (PatchMerging(self.dtype, name="downsample")(x) if self.downsample else x)
 
 
@@ -210,7 +228,7 @@ class Swin(nn.Module):
   """Swin Transformer classifier / multi-scale backbone.
 
   Attributes:
-    patch_size: side of the square patches of the embedding conv (4 in the paper).
+    patch_size: side of the square patches of the embedding conv (4 in the paper), or ``(PH, PW)``.
     embed_dim: channels ``C`` of stage 1; stage ``i`` (0-based) has ``C * 2**i``.
     depths: blocks per stage.
     num_heads: heads per stage (``C * 2**i`` must divide by ``num_heads[i]``).
@@ -223,8 +241,11 @@ class Swin(nn.Module):
     shifted_windows: ``False`` never shifts (W-MSA only: the paper's Table 4 ablation).
     layer_norm_eps: epsilon of the blocks' and the final LayerNorm.
     dtype: compute dtype (e.g. ``jnp.bfloat16``); parameters stay float32, logits are returned in float32.
+    activation: the MLPs' activation (exact GELU as the paper; HF ``hidden_act``).
+    attention_dropout_rate: dropout on the attention probabilities (HF ``attention_probs_dropout_prob``; the
+      paper's ``attn_drop_rate``).
   """
-  patch_size: int = 4
+  patch_size: Union[int, Tuple[int, int]] = 4
   embed_dim: int = 96
   depths: Sequence[int] = (2, 2, 6, 2)
   num_heads: Sequence[int] = (3, 6, 12, 24)
@@ -237,6 +258,14 @@ class Swin(nn.Module):
   shifted_windows: bool = True
   layer_norm_eps: float = 1e-5
   dtype: Any = jnp.float32
+  activation: Callable[[jnp.ndarray], jnp.ndarray] = gelu
+  attention_dropout_rate: float = 0.0
+
+  def _patch(self) -> Tuple[int, int]:
+    patch = (self.patch_size,) * 2 if isinstance(self.patch_size, int) else tuple(self.patch_size)
+    if len(patch) != 2 or min(patch) < 1:
+      raise ValueError(f"patch_size must be a positive int or a pair of them, got {self.patch_size!r}")
+    return patch
 
   def _check(self, x: jnp.ndarray) -> None:
     if x.ndim != 4:
@@ -248,9 +277,8 @@ class Swin(nn.Module):
       if (self.embed_dim * 2**i) % heads:
         raise ValueError(f"stage {i + 1} has {self.embed_dim * 2**i} channels, not divisible by num_heads "
                          f"{heads}")
-    if self.window_size < 1 or self.patch_size < 1:
-      raise ValueError(f"window_size and patch_size must be positive, got {self.window_size}, "
-                       f"{self.patch_size}")
+    if self.window_size < 1:
+      raise ValueError(f"window_size must be positive, got {self.window_size}")
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, *, train: bool,
@@ -267,9 +295,9 @@ class Swin(nn.Module):
       No final LayerNorm is applied to them (HF ``SwinBackbone`` adds one per stage).
     """
     self._check(x)
-    patch = self.patch_size
-    x = jnp.pad(x, ((0, 0), (0, -x.shape[1] % patch), (0, -x.shape[2] % patch), (0, 0)))
-    x = nn.Conv(self.embed_dim, (patch, patch), strides=patch, padding="VALID", dtype=self.dtype,
+    patch = self._patch()
+    x = jnp.pad(x, ((0, 0), (0, -x.shape[1] % patch[0]), (0, -x.shape[2] % patch[1]), (0, 0)))
+    x = nn.Conv(self.embed_dim, patch, strides=patch, padding="VALID", dtype=self.dtype,
                 name="patch_embedding")(x)
     x = nn.LayerNorm(epsilon=TORCH_LAYER_NORM_EPS, dtype=self.dtype, name="embedding_norm")(x)
     x = nn.Dropout(self.dropout_rate)(x, deterministic=not train)
@@ -282,7 +310,7 @@ class Swin(nn.Module):
       features[f"stage{i + 1}"], x = SwinStage(
           depth, heads, self.window_size, tuple(rates[start:start + depth]), i + 1 < len(self.depths),
           self.shifted_windows, self.mlp_ratio, self.qkv_bias, self.dropout_rate, self.layer_norm_eps,
-          self.dtype, name=f"layers_{i}")(x, train=train)
+          self.dtype, self.activation, self.attention_dropout_rate, name=f"layers_{i}")(x, train=train)
     if return_features:
       return features
 

@@ -14,7 +14,7 @@ Input: NHWC float32 images already normalised by the input pipeline.
 from __future__ import annotations
 
 import functools
-from typing import Any, List, Tuple, Union
+from typing import Any, Callable, List, Tuple, Union
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -22,6 +22,7 @@ import numpy as np
 
 from cvjax.models.layers import DropPath
 from cvjax.models.registry import MODELS
+from cvjax.ops._args import positive_int_pair
 
 IntPair = Union[int, Tuple[int, int]]
 POOLS = ("cls", "gap")
@@ -33,11 +34,9 @@ TORCH_BICUBIC_A = -0.75
 dense_init = nn.initializers.xavier_uniform()
 
 
-def _pair(value: IntPair, name: str) -> Tuple[int, int]:
-  pair = (value, value) if isinstance(value, int) else tuple(value)
-  if len(pair) != 2 or not all(isinstance(v, int) and v > 0 for v in pair):
-    raise ValueError(f"{name} must be a positive int or a pair of positive ints, got {value!r}")
-  return pair
+def gelu(x: jnp.ndarray) -> jnp.ndarray:
+  """Exact (erf) GELU, the paper's and HF's ``'gelu'`` (flax's ``nn.gelu`` defaults to the tanh form)."""
+  return nn.gelu(x, approximate=False)
 
 
 def bicubic_resize_matrix(in_size: int, out_size: int) -> np.ndarray:
@@ -102,18 +101,19 @@ class SelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
-  """``fc2(gelu(fc1(x)))`` with exact (erf) GELU: ``[B, N, D]`` -> ``[B, N, D]``."""
+  """``fc2(activation(fc1(x)))``, exact (erf) GELU by default: ``[B, N, D]`` -> ``[B, N, D]``."""
   mlp_dim: int
   dtype: Any = jnp.float32
+  activation: Callable[[jnp.ndarray], jnp.ndarray] = gelu
 
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
     y = nn.Dense(self.mlp_dim, dtype=self.dtype, kernel_init=dense_init, name="fc1")(x)
-    return nn.Dense(x.shape[-1], dtype=self.dtype, kernel_init=dense_init, name="fc2")(nn.gelu(y, approximate=False))
+    return nn.Dense(x.shape[-1], dtype=self.dtype, kernel_init=dense_init, name="fc2")(self.activation(y))
 
 
 class EncoderBlock(nn.Module):
-  """Pre-norm block: ``x + DropPath(drop(MHSA(LN(x))))``, then ``x + DropPath(drop(fc2(gelu(fc1(LN(x))))))``."""
+  """Pre-norm block: ``x + DropPath(drop(MHSA(LN(x))))``, then ``x + DropPath(drop(MLP(LN(x))))``."""
   num_heads: int
   mlp_dim: int
   dropout_rate: float = 0.0
@@ -122,6 +122,7 @@ class EncoderBlock(nn.Module):
   layer_norm_eps: float = 1e-6
   qkv_bias: bool = True
   dtype: Any = jnp.float32
+  activation: Callable[[jnp.ndarray], jnp.ndarray] = gelu
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, *, train: bool) -> Tuple[jnp.ndarray, jnp.ndarray]:
@@ -132,7 +133,7 @@ class EncoderBlock(nn.Module):
     y, probs = SelfAttention(self.num_heads, self.attention_dropout_rate, self.qkv_bias, self.dtype,
                              name="attention")(norm(name="layernorm_before")(x), train=train)
     x = x + drop_path(dropout(y))
-    y = MLP(self.mlp_dim, self.dtype, name="mlp")(norm(name="layernorm_after")(x))
+    y = MLP(self.mlp_dim, self.dtype, self.activation, name="mlp")(norm(name="layernorm_after")(x))
     return x + drop_path(dropout(y)), probs
 
 
@@ -154,6 +155,7 @@ class ViT(nn.Module):
       after the final LayerNorm).
     qkv_bias: biases on the q/k/v projections.
     dtype: compute dtype (e.g. ``jnp.bfloat16``); parameters stay float32, logits are returned in float32.
+    activation: the MLPs' activation (exact GELU as the paper; HF ``hidden_act``).
   """
   image_size: IntPair = 224
   patch_size: IntPair = 16
@@ -169,6 +171,7 @@ class ViT(nn.Module):
   pool: str = "cls"
   qkv_bias: bool = True
   dtype: Any = jnp.float32
+  activation: Callable[[jnp.ndarray], jnp.ndarray] = gelu
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, *, train: bool, return_attention: bool = False
@@ -184,8 +187,8 @@ class ViT(nn.Module):
       raise ValueError(f"pool must be one of {POOLS}, got {self.pool!r}")
     if x.ndim != 4:
       raise ValueError(f"ViT expects NHWC images [B, H, W, C], got shape {x.shape}")
-    patch = _pair(self.patch_size, "patch_size")
-    image = _pair(self.image_size, "image_size")
+    patch = positive_int_pair(self.patch_size, "patch_size")
+    image = positive_int_pair(self.image_size, "image_size")
     if x.shape[1] % patch[0] or x.shape[2] % patch[1]:
       raise ValueError(f"ViT input height and width must be multiples of patch_size {patch}, got shape {x.shape}")
     if image[0] % patch[0] or image[1] % patch[1]:
@@ -214,7 +217,7 @@ class ViT(nn.Module):
     for i in range(self.depth):
       x, probs = EncoderBlock(self.num_heads, self.mlp_dim, self.dropout_rate, self.attention_dropout_rate,
                               self.drop_path_rate * i / max(self.depth - 1, 1), self.layer_norm_eps,
-                              self.qkv_bias, self.dtype, name=f"layers_{i}")(x, train=train)
+                              self.qkv_bias, self.dtype, self.activation, name=f"layers_{i}")(x, train=train)
       attentions.append(probs)
     x = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, name="layernorm")(x)
     x = x[:, 0] if self.pool == "cls" else jnp.mean(x, axis=1)

@@ -22,7 +22,7 @@ torchvision's ResNet init (DETR loads ImageNet weights into it).
 from __future__ import annotations
 
 import functools
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Callable, Dict, Optional, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -55,6 +55,31 @@ class BoxHead(nn.Module):
     return nn.sigmoid(x)
 
 
+class LearnedPositionEmbedding(nn.Module):
+  """DETR's learned position embedding (the paper's positional-encoding ablation; HF ``'learned'``).
+
+  ``row_embeddings`` / ``column_embeddings`` are ``[max_size, features]`` tables; position ``(y, x)`` gets
+  ``concat(column_embeddings[x], row_embeddings[y])`` (x first, unlike the sine encoding) whatever the padding.
+  """
+  features: int
+  max_size: int = 50  # as DETR's and HF's tables
+
+  @nn.compact
+  def __call__(self, height: int, width: int) -> jnp.ndarray:
+    """``-> [height, width, 2 * features]``."""
+    if max(height, width) > self.max_size:
+      raise ValueError(f"a learned position embedding covers at most {self.max_size} x {self.max_size} feature "
+                       f"positions, got {height} x {width}")
+    embed = functools.partial(nn.Embed, self.max_size, self.features, embedding_init=nn.initializers.uniform(1.0))
+    rows = embed(name="row_embeddings").embedding[:height]
+    columns = embed(name="column_embeddings").embedding[:width]
+    return jnp.concatenate([jnp.broadcast_to(columns[None], (height, width, self.features)),
+                            jnp.broadcast_to(rows[:, None], (height, width, self.features))], axis=-1)
+
+
+POSITION_EMBEDDINGS = ("sine", "learned")
+
+
 class DETR(nn.Module):
   """DETR object detector.
 
@@ -64,7 +89,13 @@ class DETR(nn.Module):
     num_queries: object queries (detection slots).
     d_model: transformer width; the position encoding uses ``d_model / 2`` channels per axis.
     num_heads, num_encoder_layers, num_decoder_layers, ffn_dim: transformer shape.
+    decoder_num_heads, decoder_ffn_dim: the decoder's, when they differ from the encoder's (None = the same).
     dropout_rate, attention_dropout_rate, activation_dropout_rate: transformer dropouts (DETR: all 0.1).
+    encoder_input_dropout_rate: dropout on the encoder's input (HF: ``dropout``; DETR: none).
+    activation: the transformer feed-forward activation (relu; HF ``activation_function``).
+    position_embedding_type: ``'sine'`` (of the padding mask, as the paper) or ``'learned'``
+      (``LearnedPositionEmbedding``, at most 50 x 50 C5 positions).
+    decoder_feed_normed_outputs: ``transformer.Decoder.feed_normed_outputs`` (HF ``auxiliary_loss=True``).
     aux_outputs: also return the predictions of the first ``num_decoder_layers - 1`` decoder layers.
     backbone_stage_sizes, backbone_block_type, backbone_width, backbone_stem_width, backbone_stage_widths,
     backbone_stride_in_1x1, backbone_downsample_in_first_stage: the ``ResNet`` backbone (see ``ResNet``).
@@ -76,6 +107,7 @@ class DETR(nn.Module):
       trains the batch norm (``batch_stats``), for backbones trained from scratch.
     backbone_frozen_stages: with trainable batch norm, the stem and the first N stages keep their batch norm
       statistics (``ResNet.frozen_stages``), for a backbone part the optimizer freezes.
+    backbone_activation: ``ResNet.activation``.
     dtype: compute dtype of the backbone and input projection (e.g. bfloat16); the transformer and heads
       compute in float32.
   """
@@ -103,6 +135,13 @@ class DETR(nn.Module):
   backbone_frozen_bn: bool = True
   backbone_frozen_stages: int = 0
   dtype: Any = jnp.float32
+  decoder_num_heads: Optional[int] = None
+  decoder_ffn_dim: Optional[int] = None
+  encoder_input_dropout_rate: float = 0.0
+  activation: Callable[[jnp.ndarray], jnp.ndarray] = nn.relu
+  position_embedding_type: str = "sine"
+  decoder_feed_normed_outputs: bool = False
+  backbone_activation: Callable[[jnp.ndarray], jnp.ndarray] = nn.relu
 
   def _heads(self, hidden: jnp.ndarray) -> Dict[str, jnp.ndarray]:
     """Decoder states ``[..., Q, d]`` -> ``pred_logits [..., Q, num_classes + 1]``, ``pred_boxes [..., Q, 4]``."""
@@ -115,7 +154,7 @@ class DETR(nn.Module):
         stage_widths=self.backbone_stage_widths, stride_in_1x1=self.backbone_stride_in_1x1,
         downsample_in_first_stage=self.backbone_downsample_in_first_stage, dilate_last_stage=self.dilation,
         frozen_bn=self.backbone_frozen_bn, frozen_stages=self.backbone_frozen_stages, stem=self.backbone_stem,
-        dtype=self.dtype, layer_impl=self.backbone_layer_impl)
+        dtype=self.dtype, layer_impl=self.backbone_layer_impl, activation=self.backbone_activation)
     c5_channels = (self.backbone_stage_widths[-1] if self.backbone_stage_widths
                    else self.backbone_width * 2 ** (len(self.backbone_stage_sizes) - 1)
                    * BLOCK_EXPANSION[self.backbone_block_type])
@@ -123,13 +162,22 @@ class DETR(nn.Module):
                                         kernel_init=layers.torch_default_kernel_init,
                                         bias_init=layers.torch_default_bias_init(c5_channels),
                                         impl=self.backbone_layer_impl)
+    if self.position_embedding_type not in POSITION_EMBEDDINGS:
+      raise ValueError(f"position_embedding_type must be one of {POSITION_EMBEDDINGS}, got "
+                       f"{self.position_embedding_type!r}")
+    if self.position_embedding_type == "learned":
+      self.position_embedding = LearnedPositionEmbedding(self.d_model // 2)
     self.query_position_embeddings = nn.Embed(self.num_queries, self.d_model,
                                               embedding_init=nn.initializers.normal(1.0))
-    settings = dict(num_heads=self.num_heads, ffn_dim=self.ffn_dim, dropout_rate=self.dropout_rate,
-                    attention_dropout_rate=self.attention_dropout_rate,
-                    activation_dropout_rate=self.activation_dropout_rate)
-    self.encoder = transformer.Encoder(num_layers=self.num_encoder_layers, **settings)
-    self.decoder = transformer.Decoder(num_layers=self.num_decoder_layers, **settings)
+    settings = dict(dropout_rate=self.dropout_rate, attention_dropout_rate=self.attention_dropout_rate,
+                    activation_dropout_rate=self.activation_dropout_rate, activation=self.activation)
+    self.encoder = transformer.Encoder(num_layers=self.num_encoder_layers, num_heads=self.num_heads,
+                                       ffn_dim=self.ffn_dim, input_dropout_rate=self.encoder_input_dropout_rate,
+                                       **settings)
+    self.decoder = transformer.Decoder(
+        num_layers=self.num_decoder_layers, num_heads=self.decoder_num_heads or self.num_heads,
+        ffn_dim=self.decoder_ffn_dim or self.ffn_dim, feed_normed_outputs=self.decoder_feed_normed_outputs,
+        **settings)
     self.class_labels_classifier = _torch_default_dense(self.num_classes + 1, self.d_model)
     self.bbox_predictor = BoxHead(self.d_model)
 
@@ -141,7 +189,7 @@ class DETR(nn.Module):
       images: ``[B, H, W, 3]`` float32, normalised.
       pixel_mask: ``[B, H, W]`` bool / 0-1, ``True`` on real pixels; all real when ``None``. The backbone
         sees the padded images as they are (padding values leak into nearby features, as in DETR and HF);
-        the mask, brought to the C5 size by nearest resizing, drives the position encoding and removes
+        the mask, brought to the C5 size by nearest resizing, drives the (sine) position encoding and removes
         padded pixels from the encoder's and decoder's attention.
       train: dropout on (rng ``dropout``); the backbone's frozen batch norm is the same either way.
 
@@ -160,7 +208,10 @@ class DETR(nn.Module):
 
     c5 = self.backbone(images, train=train, return_features=True)["c5"]
     mask = position_encoding.resize_mask_nearest(pixel_mask, c5.shape[1:3])
-    position = position_encoding.sine_position_encoding(mask, self.d_model // 2)
+    if self.position_embedding_type == "learned":
+      position = jnp.broadcast_to(self.position_embedding(*c5.shape[1:3]), (batch, *c5.shape[1:3], self.d_model))
+    else:
+      position = position_encoding.sine_position_encoding(mask, self.d_model // 2)
     features = self.input_projection(c5).astype(jnp.float32)
     features, position = (x.reshape(batch, -1, x.shape[-1]) for x in (features, position))  # [B, h*w, C]
     flat_mask = mask.reshape(batch, -1)

@@ -18,7 +18,7 @@ PyTorch's default ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``, LayerNorms start at (1
 from __future__ import annotations
 
 import functools
-from typing import Optional
+from typing import Callable, Optional
 
 import flax.linen as nn
 import jax
@@ -87,14 +87,15 @@ class MultiHeadAttention(nn.Module):
 
 
 class FeedForward(nn.Module):
-  """``fc2(Dropout(relu(fc1(x))))``: ``[..., d]`` -> ``[..., d]`` through ``hidden_dim`` channels."""
+  """``fc2(Dropout(activation(fc1(x))))``: ``[..., d]`` -> ``[..., d]`` through ``hidden_dim`` channels."""
   hidden_dim: int
   activation_dropout_rate: float = 0.0
+  activation: Callable[[jnp.ndarray], jnp.ndarray] = nn.relu
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
     dense = functools.partial(nn.Dense, kernel_init=nn.initializers.xavier_uniform())
-    y = nn.relu(dense(self.hidden_dim, bias_init=torch_default_bias_init(x.shape[-1]), name="fc1")(x))
+    y = self.activation(dense(self.hidden_dim, bias_init=torch_default_bias_init(x.shape[-1]), name="fc1")(x))
     y = nn.Dropout(self.activation_dropout_rate, deterministic=not train)(y)
     return dense(x.shape[-1], bias_init=torch_default_bias_init(self.hidden_dim), name="fc2")(y)
 
@@ -107,13 +108,15 @@ class _LayerSettings(nn.Module):
     ffn_dim: hidden width of the feed-forward block.
     dropout_rate: dropout on each sub-layer's output before the residual add.
     attention_dropout_rate: dropout on attention weights.
-    activation_dropout_rate: dropout after the feed-forward block's relu.
+    activation_dropout_rate: dropout after the feed-forward block's activation.
+    activation: the feed-forward block's activation (relu in DETR; HF ``activation_function``).
   """
   num_heads: int = 8
   ffn_dim: int = 2048
   dropout_rate: float = 0.1
   attention_dropout_rate: float = 0.1
   activation_dropout_rate: float = 0.1
+  activation: Callable[[jnp.ndarray], jnp.ndarray] = nn.relu
 
   def _residual_norm(self, x, update, name, train):
     update = nn.Dropout(self.dropout_rate, deterministic=not train)(update)
@@ -123,13 +126,13 @@ class _LayerSettings(nn.Module):
     return MultiHeadAttention(self.num_heads, self.attention_dropout_rate, name=name)
 
   def _feed_forward(self, x, train):
-    y = FeedForward(self.ffn_dim, self.activation_dropout_rate, name="mlp")(x, train=train)
+    y = FeedForward(self.ffn_dim, self.activation_dropout_rate, self.activation, name="mlp")(x, train=train)
     return self._residual_norm(x, y, "final_layer_norm", train)
 
   def _layer_kwargs(self):
     return dict(num_heads=self.num_heads, ffn_dim=self.ffn_dim, dropout_rate=self.dropout_rate,
                 attention_dropout_rate=self.attention_dropout_rate,
-                activation_dropout_rate=self.activation_dropout_rate)
+                activation_dropout_rate=self.activation_dropout_rate, activation=self.activation)
 
 
 class EncoderLayer(_LayerSettings):
@@ -168,13 +171,20 @@ class DecoderLayer(_LayerSettings):
 
 
 class Encoder(_LayerSettings):
-  """``num_layers`` ``EncoderLayer``s (named ``layers_<i>``), no final norm (post-norm layers end normed)."""
+  """``num_layers`` ``EncoderLayer``s (named ``layers_<i>``), no final norm (post-norm layers end normed).
+
+  Attributes:
+    input_dropout_rate: dropout on the encoder's input (HF's ``DetrEncoder`` applies ``dropout`` there, the
+      official DETR does not).
+  """
   num_layers: int = 6
+  input_dropout_rate: float = 0.0
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, *, position: Optional[jnp.ndarray] = None,
                padding_mask: Optional[jnp.ndarray] = None, train: bool) -> jnp.ndarray:
     """``x [B, N, d]``, ``position [B, N, d]``, ``padding_mask [B, N]`` -> ``[B, N, d]``."""
+    x = nn.Dropout(self.input_dropout_rate, deterministic=not train)(x)
     for i in range(self.num_layers):
       x = EncoderLayer(**self._layer_kwargs(), name=f"layers_{i}")(
           x, position=position, padding_mask=padding_mask, train=train)
@@ -186,8 +196,14 @@ class Decoder(_LayerSettings):
 
   The LayerNorm is applied to a copy of each layer's output for the result; the next layer receives the
   un-normalised output (DETR's ``return_intermediate``; HF ``auxiliary_loss=False`` for the last layer).
+
+  Attributes:
+    feed_normed_outputs: instead, each layer receives the previous layer's normalised output, which is also
+      its result, and the last result is normalised once more: HF's ``DetrDecoder`` with
+      ``auxiliary_loss=True``.
   """
   num_layers: int = 6
+  feed_normed_outputs: bool = False
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, memory: jnp.ndarray, *, query_position: Optional[jnp.ndarray] = None,
@@ -205,5 +221,9 @@ class Decoder(_LayerSettings):
       x = DecoderLayer(**self._layer_kwargs(), name=f"layers_{i}")(
           x, memory, query_position=query_position, memory_position=memory_position,
           memory_padding_mask=memory_padding_mask, train=train)
-      outputs.append(norm(x))
+      if self.feed_normed_outputs:
+        x = norm(x)
+        outputs.append(norm(x) if i == self.num_layers - 1 else x)
+      else:
+        outputs.append(norm(x))
     return jnp.stack(outputs)
