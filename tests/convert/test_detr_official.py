@@ -16,6 +16,7 @@ import jax
 import numpy as np
 import pytest
 import torch
+from torch_reference import assert_same_variables
 from transformers import DetrConfig, DetrForObjectDetection, ResNetConfig
 
 from cvjax.convert import common, detr, from_torch_state_dict
@@ -119,7 +120,7 @@ def test_basic_blocks_and_the_dc5_name_that_sets_dilation_with_the_same_weights(
   plain_module, plain = from_torch_state_dict("detr_resnet18", state_dict, num_heads=HEADS)
   module, variables = from_torch_state_dict("detr_resnet18_dc5", state_dict, num_heads=HEADS)
   assert module.dilation and not plain_module.dilation
-  assert jax.tree_util.tree_all(jax.tree_util.tree_map(np.array_equal, variables, plain))
+  assert_same_variables(variables, plain)
 
 
 def test_learned_position_embedding_is_read_from_the_state_dict():

@@ -1,13 +1,13 @@
 """from_transformers: tiny HF DetrForObjectDetection models (random weights, no download) against their conversion."""
 
 import functools
-import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from torch_reference import assert_same_variables, rename_keys
 from transformers import DetrConfig, DetrForObjectDetection, ResNetConfig
 
 from cvjax.convert import common, detr, from_transformers
@@ -147,12 +147,7 @@ def _state_dict_in_4x_layout(model):
   state_dict = model.state_dict()
   if any(key.startswith("model.backbone.conv_encoder.") for key in state_dict):  # running on transformers 4.x
     return state_dict
-  renamed = {}
-  for key, value in state_dict.items():
-    for pattern, replacement in _TO_4X:
-      key = re.sub(pattern, replacement, key)
-    renamed[key] = value
-  return renamed
+  return rename_keys(state_dict, _TO_4X)
 
 
 def test_transformers_4_state_dict_layout_loads_to_the_same_variables():
@@ -164,7 +159,7 @@ def test_transformers_4_state_dict_layout_loads_to_the_same_variables():
     assert key in legacy
   _, variables = detr.convert(model.config, legacy)
   _, expected = from_transformers(model)
-  assert jax.tree_util.tree_all(jax.tree_util.tree_map(np.array_equal, variables, expected))
+  assert_same_variables(variables, expected)
 
 
 @pytest.mark.parametrize("overrides, message", [

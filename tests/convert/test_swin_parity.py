@@ -1,12 +1,12 @@
 """from_transformers: small random HF Swin models (no download) against their conversion, logits and stages."""
 
-import re
 import types
 
 import jax
 import numpy as np
 import pytest
 import torch
+from torch_reference import assert_same_variables, rename_keys
 from transformers import SwinConfig, SwinForImageClassification, SwinModel
 
 from cvjax.convert import common, from_transformers, swin
@@ -146,13 +146,9 @@ def _state_dict_in_4x_layout(hf_model):
   state_dict = hf_model.state_dict()
   if any(".attention.self." in key for key in state_dict):  # running on transformers 4.x already
     return state_dict
-  renamed = {}
-  for key, value in state_dict.items():
-    for pattern, replacement in _TO_4X:
-      key = re.sub(pattern, replacement, key)
-    renamed[key] = value
-    if key.endswith(".relative_position_bias_table"):
-      renamed[key.replace("_bias_table", "_index")] = torch.zeros(4, 4, dtype=torch.long)
+  renamed = rename_keys(state_dict, _TO_4X)
+  for key in [k for k in renamed if k.endswith(".relative_position_bias_table")]:  # 4.x saved the index too
+    renamed[key.replace("_bias_table", "_index")] = torch.zeros(4, 4, dtype=torch.long)
   return renamed
 
 
@@ -164,7 +160,7 @@ def test_transformers_4_state_dict_layout_loads_to_the_same_variables():
   assert "swin.encoder.layers.1.blocks.0.output.dense.weight" in legacy
   _, variables = swin.convert(hf_model.config, legacy, classifier=True)
   _, expected = from_transformers(hf_model)
-  assert jax.tree_util.tree_all(jax.tree_util.tree_map(np.array_equal, variables, expected))
+  assert_same_variables(variables, expected)
 
 
 @pytest.mark.parametrize("overrides, message", [

@@ -1,12 +1,12 @@
 """from_transformers: small random HF ViTForImageClassification models (no download) against their conversion."""
 
 import functools
-import re
 
 import jax
 import numpy as np
 import pytest
 import torch
+from torch_reference import assert_same_variables, rename_keys
 from transformers import ViTConfig, ViTForImageClassification
 
 from cvjax.convert import common, from_transformers, vit
@@ -100,14 +100,7 @@ def _state_dict_in_4x_layout(hf_model):
   state_dict = hf_model.state_dict()
   if any(".encoder.layer." in key for key in state_dict):  # running on transformers 4.x already
     return state_dict
-  renamed = {}
-  for key, value in state_dict.items():
-    for pattern, replacement in _TO_4X:
-      if re.match(pattern, key):
-        key = re.sub(pattern, replacement, key)
-        break
-    renamed[key] = value
-  return renamed
+  return rename_keys(state_dict, _TO_4X, first_match_only=True)
 
 
 def test_transformers_4_state_dict_layout_loads_to_the_same_variables():
@@ -117,7 +110,7 @@ def test_transformers_4_state_dict_layout_loads_to_the_same_variables():
   assert "vit.encoder.layer.1.intermediate.dense.bias" in legacy
   module, variables = vit.convert(hf_model.config, legacy)
   _, expected = from_transformers(hf_model)
-  assert jax.tree_util.tree_all(jax.tree_util.tree_map(np.array_equal, variables, expected))
+  assert_same_variables(variables, expected)
 
 
 @pytest.mark.parametrize("overrides, message", [
