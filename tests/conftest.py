@@ -1,13 +1,17 @@
 """Shared fixtures: the repository root, a session-wide TFDS data_dir, config loading, launcher calls."""
 
+import atexit
 import io
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 from PIL import Image
@@ -15,6 +19,23 @@ from torchvision_cpu import import_torchvision
 
 # Before any test module imports transformers, which imports torchvision whenever it is installed.
 TORCHVISION = import_torchvision()
+
+# Test speed only: XLA:CPU compiles the default partitionable threefry random bits 2-10x slower (a tiny DETR's
+# init: 10 s against 4.5 s), and every model init in the suite is compiled once. Both modes give values that
+# do not depend on sharding; runs outside the tests keep JAX's default. Launched processes get the same setting.
+os.environ["JAX_THREEFRY_PARTITIONABLE"] = "false"
+jax.config.update("jax_threefry_partitionable", False)  # in case jax was imported before this file
+
+# Test speed only: one persistent XLA compilation cache per session, shared by the tests and the processes they
+# launch. Many tests compile the same program (a tiny preset's train step, run again to resume, on another
+# device count, ...); its key is the program, the compile options and the devices, so a hit is that program.
+_COMPILATION_CACHE = tempfile.mkdtemp(prefix="cvjax-test-xla-cache-")
+atexit.register(shutil.rmtree, _COMPILATION_CACHE, ignore_errors=True)
+for _key, _value in (("jax_compilation_cache_dir", _COMPILATION_CACHE),
+                     ("jax_persistent_cache_min_compile_time_secs", 0),
+                     ("jax_persistent_cache_min_entry_size_bytes", 0)):
+  os.environ[_key.upper()] = str(_value)
+  jax.config.update(_key, _value)
 
 from cvjax.train.config import load_config_file  # noqa: E402  (after torchvision: cvjax imports its converters)
 

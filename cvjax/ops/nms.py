@@ -25,6 +25,7 @@ the longest suppression chain inside a tile (a few on real detections). The loop
 
 from __future__ import annotations
 
+import functools
 from typing import Optional, Tuple
 
 import jax
@@ -75,10 +76,17 @@ def _nms(boxes: jnp.ndarray, scores: jnp.ndarray, classes: Optional[jnp.ndarray]
   if n == 0 or max_output_size == 0:
     return jnp.full((max_output_size,), -1, jnp.int32), jnp.zeros((), jnp.int32)
   scores = scores.astype(jnp.promote_types(scores.dtype, jnp.float32))
-  threshold = _threshold_in(iou_threshold, boxes.dtype)
   class_aware = classes is not None
   classes = jnp.asarray(classes) if class_aware else jnp.zeros((n,), jnp.int32)
+  # The thresholds enter the kernel as arrays, so eager calls with other Python floats reuse its compilation.
+  return _nms_kernel(boxes, scores, classes, _threshold_in(iou_threshold, boxes.dtype),
+                     jnp.asarray(score_threshold, scores.dtype), max_output_size, class_aware)
 
+
+@functools.partial(jax.jit, static_argnums=(5, 6))
+def _nms_kernel(boxes, scores, classes, threshold, score_threshold, max_output_size: int, class_aware: bool):
+  """The tiled greedy loop over validated inputs: ``threshold`` already in the boxes' dtype (``_threshold_in``)."""
+  n = boxes.shape[0]
   order = jnp.argsort(-scores, stable=True).astype(jnp.int32)
   tile = min(_TILE, n)
   num_tiles = -(-n // tile)

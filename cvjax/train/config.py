@@ -114,8 +114,12 @@ def scale_augmentation_keys(c: ml_collections.ConfigDict) -> None:
 def tiny_run(c: ml_collections.ConfigDict) -> None:
   """The run shape of every family's `tiny` preset: 2 steps, batch 8, a 1-batch eval, a checkpoint at the end.
 
-  Families shrink their model themselves; this only fixes the schedule so tests exercise the whole loop.
+  Families shrink their model themselves; this only fixes the schedule so tests exercise the whole loop. The
+  generated `shapes` data is a small variant of the family's dataset (256 training and 64 evaluation images,
+  prepared under its own name), since a 2-step run reads a few batches: generating the full splits would
+  dominate a tiny run.
   """
+  c.dataset.num_examples = {"train": 256, "validation": 64, "test": 64}
   c.total_steps = 2
   c.batch_size = 8
   c.optimizer.warmup_steps = 0
