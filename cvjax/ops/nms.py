@@ -6,9 +6,9 @@ descending (ties: lower index first); keep a box unless a box kept before it ove
 compared with the threshold as torchvision does, as a double: a Python-number threshold becomes the largest
 value of the boxes' dtype not above it (``float32(0.1) > 0.1``, so an IoU equal to ``float32(0.1)`` is
 suppressed, as in torchvision); an array threshold is used in the boxes' dtype. A NaN IoU (degenerate union
-``0 / 0``, or NaN coordinates) never suppresses. ``batched_nms`` only lets boxes of the same class suppress each other -- by masking the
-suppression matrix with class equality (exact), not torchvision's coordinate-offset trick (which loses
-precision for large coordinates in low precision).
+``0 / 0``, or NaN coordinates) never suppresses. ``batched_nms`` only lets boxes of the same class suppress
+each other -- by masking the suppression matrix with class equality (exact), not torchvision's
+coordinate-offset trick (which loses precision for large coordinates in low precision).
 
 Only boxes with ``score > score_threshold`` (strict, as torchvision's detection heads and TF filter) are
 candidates, so NaN scores are never kept, and neither are -inf scores under the default ``-inf`` threshold.
