@@ -27,6 +27,7 @@ import time
 from typing import Callable, Dict
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import torch
 
@@ -70,7 +71,9 @@ def launcher_step(config, variables, batch: Dict[str, np.ndarray]) -> Callable[[
                   example_batch=jax.tree.map(lambda x: x[:1], batch))
   exp = Experiment(config, tempfile.mkdtemp(prefix="cvjax_bench_"), data=data)
   state, _ = exp.initial_state()
-  weights = {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
+  # Copies: the step donates its state, and each implementation starts from the same converted weights.
+  weights = jax.tree.map(lambda x: jnp.array(x, copy=True),
+                         {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})})
   state = state.replace(**jax.device_put(weights, {"params": exp.state_sharding.params,
                                                    "batch_stats": exp.state_sharding.batch_stats}))
   state = state.replace(opt_state=jax.device_put(exp.tx.init(state.params), exp.state_sharding.opt_state))
