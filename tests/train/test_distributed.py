@@ -1,5 +1,5 @@
-"""Data parallelism: 1 vs 8 devices agree, and an 8-device checkpoint restores on 1; 2 processes train DETR
-into one checkpoint that a single process restores.
+"""Data parallelism: 1 vs 8 devices agree, and each checkpoint restores on the other device count; 2 processes
+train DETR into one checkpoint that a single process restores.
 
 Each run is a fresh `python launch.py` process, so XLA's host device count and jax.distributed are set
 before JAX starts, as on a real machine.
@@ -37,18 +37,21 @@ def test_one_and_eight_devices_give_the_same_losses(launch_cli, data_dir, tmp_pa
   assert len(runs[1]) == 5
   np.testing.assert_allclose(runs[8], runs[1], rtol=0, atol=1e-5)
 
-  # The 8-device checkpoint restores on 1 device (--mode=eval) and evaluates as the 1-device run's own final
-  # eval did (written when its training ended, from parameters equal to ~1e-7).
-  with open(tmp_path / "d1" / "eval" / "step_5.json") as f:
-    trained_on_one = json.load(f)
-  result = launch_cli(_args(str(tmp_path / "d8"), data_dir, *extra, "--mode=eval"), devices=1,
-                      env={"JAX_ENABLE_X64": "1"})
-  assert result.returncode == 0, result.stdout + result.stderr
-  assert "resuming from step 5" in result.stdout
-  with open(tmp_path / "d8" / "eval" / "step_5.json") as f:
-    restored_on_one = json.load(f)
-  assert restored_on_one["num_examples"] == trained_on_one["num_examples"] > 0
-  np.testing.assert_allclose(restored_on_one["loss"], trained_on_one["loss"], rtol=1e-5)
+  # Each checkpoint restores on the other device count (--mode=eval 8 -> 1 and 1 -> 8) and evaluates as the
+  # other run's own final eval did (written when its training ended, from parameters equal to ~1e-7).
+  trained = {}
+  for devices in (1, 8):
+    with open(tmp_path / f"d{devices}" / "eval" / "step_5.json") as f:
+      trained[devices] = json.load(f)
+  for written, restored in ((8, 1), (1, 8)):
+    result = launch_cli(_args(str(tmp_path / f"d{written}"), data_dir, *extra, "--mode=eval"), devices=restored,
+                        env={"JAX_ENABLE_X64": "1"})
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "resuming from step 5" in result.stdout
+    with open(tmp_path / f"d{written}" / "eval" / "step_5.json") as f:
+      evaluated = json.load(f)
+    assert evaluated["num_examples"] == trained[restored]["num_examples"] > 0
+    np.testing.assert_allclose(evaluated["loss"], trained[restored]["loss"], rtol=1e-5)
 
 
 def test_two_processes_train_detr_and_one_process_restores(launch_cli, data_dir, tmp_path):
