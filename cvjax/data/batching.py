@@ -3,9 +3,10 @@
 Jitted steps recompile for every new input shape, and padding every image to the largest possible size
 wastes most of the compute (Scenic's DETR pads all of COCO to 1333 x 1333). Instead each batch is padded to
 the smallest of a few (height, width) buckets that holds all of its images: top-left placement, zeros
-elsewhere (zero is the mean colour after normalisation, as DETR pads) and `pixel_mask` True exactly on real
-pixels. Bucket sets are closed under the element-wise maximum, so the last (largest) bucket holds every image:
-it is the one shape of multi-process runs, whose processes never exchange batch shapes (`cvjax.data.pipeline`).
+elsewhere (zero is the mean colour after normalisation, as DETR pads; instance masks are 0 there too) and
+`pixel_mask` True exactly on real pixels. Bucket sets are closed under the element-wise maximum, so the last
+(largest) bucket holds every image: it is the one shape of multi-process runs, whose processes never exchange
+batch shapes (`cvjax.data.pipeline`).
 """
 
 from __future__ import annotations
@@ -66,26 +67,35 @@ def smallest_bucket(buckets: Sequence[Bucket], height: int, width: int) -> Bucke
   return min(fitting, key=lambda hw: (hw[0] * hw[1], hw))
 
 
+# Features that differ in size between examples, by the axis of their height (width follows it).
+_SPATIAL = {'image': 0, 'pixel_mask': 0, 'masks': 1}
+
+
 def collate_detection(examples: Sequence[dict], buckets: Sequence[Bucket]) -> dict[str, np.ndarray]:
-  """Stacks detection examples, padding `image` [h, w, 3] and `pixel_mask` [h, w] to the batch's bucket.
+  """Stacks detection examples, padding `image` [h, w, 3], `pixel_mask` [h, w] and, where present, `masks`
+  [M, h, w] to the batch's bucket.
 
   Args:
-    examples: dicts of NumPy arrays; `image` and `pixel_mask` may differ in size between examples, every
-      other feature has one shape.
+    examples: dicts of NumPy arrays; `image`, `pixel_mask` and `masks` may differ in size between examples,
+      every other feature has one shape.
     buckets: allowed (height, width) batch shapes.
 
   Returns:
-    The batch: `image` float32 [B, H, W, 3] and `pixel_mask` bool [B, H, W] with (H, W) the smallest bucket
-    holding every example, placed top-left (zeros / False elsewhere); other keys stacked along a new axis 0.
+    The batch: `image` float32 [B, H, W, 3], `pixel_mask` bool [B, H, W] and `masks` uint8 [B, M, H, W] with
+    (H, W) the smallest bucket holding every example, placed top-left (zeros / False elsewhere); other keys
+    stacked along a new axis 0.
   """
   height = max(e['image'].shape[0] for e in examples)
   width = max(e['image'].shape[1] for e in examples)
-  bucket_h, bucket_w = smallest_bucket(buckets, height, width)
-  image = np.zeros((len(examples), bucket_h, bucket_w, 3), np.float32)
-  pixel_mask = np.zeros((len(examples), bucket_h, bucket_w), bool)
-  for i, example in enumerate(examples):
-    h, w = example['image'].shape[:2]
-    image[i, :h, :w] = example['image']
-    pixel_mask[i, :h, :w] = example['pixel_mask']
-  padded = {'image': image, 'pixel_mask': pixel_mask}
+  bucket = smallest_bucket(buckets, height, width)
+  padded = {}
+  for key, axis in _SPATIAL.items():
+    if key not in examples[0]:
+      continue
+    first = examples[0][key]
+    out = np.zeros((len(examples), *first.shape[:axis], *bucket, *first.shape[axis + 2:]), first.dtype)
+    for i, example in enumerate(examples):
+      h, w = example[key].shape[axis:axis + 2]
+      out[(i, *[slice(None)] * axis, slice(0, h), slice(0, w))] = example[key]
+    padded[key] = out
   return {key: padded[key] if key in padded else np.stack([e[key] for e in examples]) for key in examples[0]}

@@ -8,7 +8,9 @@ record to the canonical form the pipeline consumes:
   classification: {'image': bytes, 'label': int}
   detection:      {'image': bytes, 'boxes': float32 [N, 4] normalised (ymin, xmin, ymax, xmax),
                    'labels': int32 [N] contiguous 0..K-1, 'image_id': int, optionally 'area': float32 [N]
-                   (annotation areas in original pixels) and 'file_name' (str, named in messages)}
+                   (annotation areas in original pixels) and 'file_name' (str, named in messages); with
+                   `config.dataset.masks`, 'masks': uint8 [N, H, W] instance masks (nonzero = inside) at the
+                   image's size, row-aligned with 'boxes' (`DatasetSource.masks` says the source gives them)}
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ class DatasetSource:
       without annotation files (generated data), whose evaluation uses the boxes of the batches.
     skip_corrupt: skip undecodable images with a warning instead of failing (user folders; TFDS datasets
       were checked when prepared, so a bad record there is an error).
+    masks: detection: parsed records carry 'masks' (the config asked for them and the dataset has them).
   """
 
   name: str
@@ -70,6 +73,7 @@ class DatasetSource:
   category_ids: tuple[int, ...] | None = None
   ground_truth: Callable[[], dict] | None = None
   skip_corrupt: bool = False
+  masks: bool = False
 
 
 # Original COCO category ids of TFDS coco/2014 and coco/2017's 80 labels (TFDS keeps the json's sorted order).
@@ -86,13 +90,19 @@ def _classification_record(record: dict) -> dict:
   return {'image': record['image'], 'label': int(record['label'])}
 
 
-def _detection_record(record: dict, image_id_key: str, crowd_key: str | None) -> dict:
-  """Canonical detection record; sequence features come back from TFDS as lists of arrays or scalars."""
+def _detection_record(record: dict, image_id_key: str, crowd_key: str | None, masks: bool = False) -> dict:
+  """Canonical detection record; sequence features come back from TFDS as lists of arrays or scalars.
+
+  With `masks`, 'masks' uint8 [N, H, W] from `objects/mask` (uint8 [H, W, 1] images; shape (0, 0, 0) when N = 0).
+  """
   objects = record['objects']
   canonical = {'boxes': np.asarray(objects['bbox'], np.float32).reshape(-1, 4),
                'labels': np.asarray(objects['label'], np.int32).reshape(-1)}
   if 'area' in objects:
     canonical['area'] = np.asarray(objects['area'], np.float32).reshape(-1)
+  if masks:
+    canonical['masks'] = (np.stack([np.asarray(m, np.uint8)[..., 0] for m in objects['mask']])
+                          if len(objects['mask']) else np.zeros((0, 0, 0), np.uint8))
   if crowd_key is not None:  # Crowd regions are not detection targets (DETR drops them too).
     keep = ~np.asarray(objects[crowd_key], bool).reshape(-1)
     canonical = {key: value[keep] for key, value in canonical.items()}
@@ -207,6 +217,12 @@ def _coco(dataset_config, data_dir: str, split: str) -> DatasetSource:
   """
   name = f'coco/{_option(dataset_config, "config_name", "2017")}'
   _check_task(name, _option(dataset_config, 'task', 'detection'), ('detection',))
+  if _option(dataset_config, 'masks', False):
+    raise ValueError(f'config.dataset.masks=True, but TFDS {name!r} has no instance masks (its objects carry '
+                     "boxes, labels, areas and crowd flags only). Read COCO's instance masks from a COCO-format "
+                     "folder instead: config.dataset.name='coco_folder' with "
+                     f'{coco_folder.LAYOUT} (e.g. COCO 2017 as unzipped: images and instances_*.json, whose '
+                     'annotations carry segmentation)')
   builder = _prepared_builder(data_dir, name)
   class_names = tuple(builder.info.features['objects']['label'].names)
   category_ids = COCO_CATEGORY_IDS if len(class_names) == 80 else tuple(range(1, len(class_names) + 1))
@@ -227,16 +243,21 @@ def _coco_folder(dataset_config, data_dir: str, split: str) -> DatasetSource:
   """A COCO-format folder (images + instances json) per split; `data_dir` is unused (see `coco_folder`)."""
   del data_dir
   _check_task('coco_folder', _option(dataset_config, 'task', 'detection'), ('detection',))
-  folder = coco_folder.load(dataset_config, split)
+  masks = bool(_option(dataset_config, 'masks', False))
+  folder = coco_folder.load(dataset_config, split, masks=masks)
   return DatasetSource(
       name=f'coco_folder:{folder.annotation_file}', split=split, task='detection', records=folder.records,
       parse=coco_folder.parse, class_names=folder.class_names, image_size=512,
-      category_ids=folder.category_ids, ground_truth=folder.ground_truth, skip_corrupt=True)
+      category_ids=folder.category_ids, ground_truth=folder.ground_truth, skip_corrupt=True, masks=masks)
 
 
 @DATASETS.register('shapes')
 def _shapes(dataset_config, data_dir: str, split: str) -> DatasetSource:
-  """The generated `shapes` dataset; prepared into data_dir on first use (see `cvjax.data.shapes`)."""
+  """The generated `shapes` dataset; prepared into data_dir on first use (see `cvjax.data.shapes`).
+
+  Detection configs give instance masks (`objects/mask`, the visible part of each shape) with
+  `config.dataset.masks`.
+  """
   task = _option(dataset_config, 'task', 'classification')
   default_config = {'classification': 'classification_32', 'detection': 'detection_64'}.get(task)
   config = shapes.shapes_config(
@@ -246,11 +267,12 @@ def _shapes(dataset_config, data_dir: str, split: str) -> DatasetSource:
   name = f'shapes/{config.name}'
   _check_task(name, task, (config.task,))
   builder = shapes.prepare_shapes(data_dir, config)
+  masks = config.task == 'detection' and bool(_option(dataset_config, 'masks', False))
   if config.task == 'classification':
     parse = _classification_record
   else:
-    parse = lambda record: _detection_record(record, 'image_id', None)
+    parse = functools.partial(_detection_record, image_id_key='image_id', crowd_key=None, masks=masks)
   return DatasetSource(
       name=name, split=split, task=config.task, records=_data_source(builder, name, split), parse=parse,
       class_names=shapes.CLASS_NAMES, image_size=config.image_size, crop_scale=(0.35, 1.0),
-      max_boxes=config.max_objects)
+      max_boxes=config.max_objects, masks=masks)

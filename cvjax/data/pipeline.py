@@ -11,7 +11,12 @@ Batches are dicts of NumPy arrays with leading dim `config.batch_size // process
   detection: image float32 [b, H, W, 3], boxes float32 [b, M, 4] normalised cxcywh (relative to each image's
     real region), labels int32 [b, M], valid bool [b, M], area float32 [b, M] (annotation area in original
     pixels, else the box's; 0 where not valid), pixel_mask bool [b, H, W] (True on real pixels, which start
-    top-left), image_id int32 [b] (-1 on padding rows), orig_size int32 [b, 2] (h, w), mask bool [b].
+    top-left), image_id int32 [b] (-1 on padding rows), orig_size int32 [b, 2] (h, w), mask bool [b]; with
+    `config.dataset.masks` also masks uint8 [b, M, H, W] (instance masks, 1 inside the instance, on the same
+    pixels as `image`, row-aligned with boxes; 0 on padding pixels, on rows past the real boxes and on padding
+    examples). Masks go through every flip, resize and crop of their image (nearest neighbour) and are
+    dropped with their boxes; a kept box's mask may be empty (e.g. an object thinner than a pixel after
+    downscaling).
     (H, W) is S x S when letterboxing (no `scales`); with DETR multi-scale resizing it is the smallest of
     `buckets` that holds every image of the batch (see `cvjax.data.batching`), or with several processes
     always the largest bucket (one shape per run: processes never exchange shapes).
@@ -185,6 +190,8 @@ class Pipeline:
     augment (bool, True; training only), crop_scale ((lo, hi), dataset default), crop_ratio ((lo, hi),
     (3/4, 4/3)), flip (bool, dataset default), eval_crop_fraction (float, dataset default),
     max_boxes (int, dataset default), num_threads (int, 2), prefetch (int, 4 batches),
+    masks (bool, False; detection: batches also carry instance `masks`, see the module docstring; `shapes`
+    detection configs and `coco_folder` with `segmentation` have them, TFDS `coco` has none and refuses it),
     for `shapes` only: num_examples ({split: count}), generation_seed (int, 0),
     for `coco_folder` only: path (str), folders ({split: (images_dir, annotation_file)}).
   Classification, paper augmentation (`preprocessing.classification_image`; unset/None, () or 0 = off):
@@ -220,6 +227,12 @@ class Pipeline:
       raise ValueError(f'dataset {source.name!r} split {source.split!r} has {num} examples, too few for '
                        f'{process_count} processes')
     image_size = int(_option(dataset_config, 'image_size', source.image_size))
+    masks = bool(_option(dataset_config, 'masks', False))
+    if masks and source.task != 'detection':
+      raise ValueError(f'config.dataset.masks (instance masks) applies to detection, not {source.task}')
+    if masks and not source.masks:
+      raise ValueError(f'config.dataset.masks=True, but dataset {source.name!r} gives no instance masks; '
+                       'shapes detection configs and COCO-format folders (coco_folder) with segmentation do')
     self.options = preprocessing.Options(
         image_size=image_size,
         augment=self._train and bool(_option(dataset_config, 'augment', True)),
@@ -229,7 +242,7 @@ class Pipeline:
         eval_crop_fraction=float(_option(dataset_config, 'eval_crop_fraction', source.eval_crop_fraction)),
         max_boxes=int(_option(dataset_config, 'max_boxes', source.max_boxes)),
         **_multiscale_options(dataset_config, source.task),
-        **_classification_options(dataset_config, source.task, image_size))
+        masks=masks, **_classification_options(dataset_config, source.task, image_size))
     self.buckets = _buckets(dataset_config, self.options)
     if process_count > 1:
       # One global array needs one shape on every process, and agreeing on a per-batch bucket would take a
@@ -316,8 +329,9 @@ class Pipeline:
     if self.task == 'classification':
       return {'image': preprocessing.classification_image(image, rng, self.options),
               'label': np.int32(record['label']), 'mask': np.bool_(True)}
-    example, dropped = preprocessing.detection_example(image, record['boxes'], record['labels'], rng,
-                                                       self.options, area=record.get('area'))
+    example, dropped = preprocessing.detection_example(
+        image, record['boxes'], record['labels'], rng, self.options, area=record.get('area'),
+        masks=record['masks'] if self.options.masks else None)
     if dropped:
       self._count_dropped(dropped, where)
     example.update(image_id=np.int32(record['image_id']), mask=np.bool_(True))
@@ -328,9 +342,9 @@ class Pipeline:
       first = self._dropped_boxes == 0
       self._dropped_boxes += dropped
     if first:
-      logging.warning('%s has %d boxes, more than max_boxes=%d: keeping the first %d. Further truncations are '
-                      'not logged; Pipeline.dropped_boxes counts them.', where, self.options.max_boxes + dropped,
-                      self.options.max_boxes, self.options.max_boxes)
+      logging.warning('%s has %d boxes, more than max_boxes=%d: keeping the first %d (and their masks). Further '
+                      'truncations are not logged; Pipeline.dropped_boxes counts them.', where,
+                      self.options.max_boxes + dropped, self.options.max_boxes, self.options.max_boxes)
 
   def _skip(self, index: int, error: Exception) -> None:
     with self._lock:

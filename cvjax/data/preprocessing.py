@@ -11,7 +11,8 @@ jittered, then a random fixed-size crop); `Options.pca_lighting` adds AlexNet's 
 
 Detection examples are either letterboxed onto a square S x S canvas (`Options.scales` empty, the default) or
 resized DETR-style to their own size (shorter side from `scales`, longer side <= `max_size`; see
-`cvjax.data.detection_transforms`), in which case `cvjax.data.batching` pads each batch to a bucket.
+`cvjax.data.detection_transforms`), in which case `cvjax.data.batching` pads each batch to a bucket. With
+`Options.masks`, instance masks go through the same geometry as their image (nearest-neighbour resampling).
 """
 
 from __future__ import annotations
@@ -69,6 +70,7 @@ class Options:
     crop_prob: detection: probability of DETR's random crop branch when augmenting (multi-scale mode).
     crop_resize_scales: detection: shorter sides of the resize that precedes the random crop.
     crop_size: detection: (min, max) side of the random crop, in pixels of that resized image.
+    masks: detection: examples also carry instance masks (`detection_example`'s `masks`).
   """
 
   image_size: int
@@ -87,6 +89,7 @@ class Options:
   crop_prob: float = 0.5
   crop_resize_scales: tuple[int, ...] = (400, 500, 600)
   crop_size: tuple[int, int] = (384, 600)
+  masks: bool = False
 
 
 def decode_image(data: bytes, where: str) -> np.ndarray:
@@ -227,6 +230,24 @@ def yxyx_to_cxcywh(boxes: np.ndarray) -> np.ndarray:
   return np.stack([(xmin + xmax) / 2, (ymin + ymax) / 2, xmax - xmin, ymax - ymin], axis=-1)
 
 
+def resize_masks(masks: np.ndarray, window: tuple[float, float, float, float],
+                 size: tuple[int, int]) -> np.ndarray:
+  """Resamples the window (x0, y0, x1, y1), in pixels, of uint8 masks [N, H, W] to `size` = (height, width).
+
+  Nearest neighbour at pixel centres: each output pixel takes the input pixel under its centre, as PIL's
+  NEAREST and torch's `interpolate(mode='nearest-exact')` (DETR resizes masks with mode='nearest', which
+  samples at the top-left corner instead and shifts them up to half an input pixel off their boxes). The
+  window maps onto the output exactly as `_resize` maps the image's, so masks stay on their pixels.
+  """
+  _, h, w = masks.shape
+  x0, y0, x1, y1 = window
+  if (x0, y0, x1, y1) == (0, 0, w, h) and tuple(size) == (h, w):
+    return masks
+  rows = np.floor(y0 + (np.arange(size[0]) + 0.5) * ((y1 - y0) / size[0])).astype(np.int64).clip(0, h - 1)
+  cols = np.floor(x0 + (np.arange(size[1]) + 0.5) * ((x1 - x0) / size[1])).astype(np.int64).clip(0, w - 1)
+  return masks[:, rows[:, None], cols[None, :]]
+
+
 def pad_boxes(boxes: np.ndarray, labels: np.ndarray, max_boxes: int):
   """Pads (or truncates to the first `max_boxes`) boxes [N, 4] and labels [N].
 
@@ -242,31 +263,48 @@ def pad_boxes(boxes: np.ndarray, labels: np.ndarray, max_boxes: int):
   return out_boxes, out_labels, valid, len(boxes) - n
 
 
-def _letterbox(image: np.ndarray, boxes: np.ndarray, rng: np.random.Generator | None, options: Options):
-  """Flips (when augmenting) and letterboxes uint8 `image` onto an S x S canvas; boxes stay normalised."""
+def pad_masks(masks: np.ndarray, max_boxes: int) -> np.ndarray:
+  """uint8 masks [N, H, W] padded with zero masks (or truncated to the first `max_boxes`), as `pad_boxes`."""
+  out = np.zeros((max_boxes, *masks.shape[1:]), np.uint8)
+  out[:min(len(masks), max_boxes)] = masks[:max_boxes]
+  return out
+
+
+def _letterbox(image: np.ndarray, boxes: np.ndarray, masks: np.ndarray | None, rng: np.random.Generator | None,
+               options: Options):
+  """Flips (when augmenting) and letterboxes uint8 `image` (and `masks` [N, H, W], unless None) onto an
+  S x S canvas; boxes stay normalised."""
   h, w = image.shape[:2]
   size = options.image_size
   if options.augment and options.flip and rng.random() < 0.5:
     image, boxes = image[:, ::-1], detection_transforms.hflip_yxyx(boxes)
+    masks = None if masks is None else masks[:, :, ::-1]
   scale = size / max(h, w)
   new_h, new_w = max(1, round(h * scale)), max(1, round(w * scale))
   canvas = np.zeros((size, size, 3), np.float32)
   canvas[:new_h, :new_w] = normalize(_resize(np.ascontiguousarray(image), (0, 0, w, h), (new_h, new_w)))
   pixel_mask = np.zeros((size, size), bool)
   pixel_mask[:new_h, :new_w] = True
-  return canvas, boxes, pixel_mask
+  if masks is not None:
+    resized = resize_masks(masks, (0, 0, w, h), (new_h, new_w))
+    masks = np.zeros((len(masks), size, size), np.uint8)
+    masks[:, :new_h, :new_w] = resized
+  return canvas, boxes, masks, pixel_mask
 
 
-def _multiscale(image: np.ndarray, boxes: np.ndarray, rng: np.random.Generator | None, options: Options):
+def _multiscale(image: np.ndarray, boxes: np.ndarray, masks: np.ndarray | None, rng: np.random.Generator | None,
+                options: Options):
   """DETR's flip / random crop / multi-scale resize (eval: resize to `eval_scale`) of uint8 `image`.
 
-  Returns the normalised image at its own size, the boxes normalised to it, the bool [N] mask of input
+  Returns the normalised image at its own size, the boxes normalised to it, the masks [K, h, w] of the
+  surviving boxes resampled from the same window (None if `masks` is None), the bool [N] mask of input
   boxes that survive the crop and the fraction [K] of each survivor's area inside it.
   """
   h, w = image.shape[:2]
   if options.augment:
     if options.flip and rng.random() < 0.5:
       image, boxes = image[:, ::-1], detection_transforms.hflip_yxyx(boxes)
+      masks = None if masks is None else masks[:, :, ::-1]
     window, size = detection_transforms.train_geometry(
         rng, h, w, scales=options.scales, max_size=options.max_size, crop_prob=options.crop_prob,
         crop_resize_scales=options.crop_resize_scales, crop_size=options.crop_size)
@@ -276,11 +314,14 @@ def _multiscale(image: np.ndarray, boxes: np.ndarray, rng: np.random.Generator |
   boxes, keep, fraction = detection_transforms.crop_boxes(boxes, window)
   y0, x0, y1, x1 = window
   pixels = normalize(_resize(np.ascontiguousarray(image), (x0 * w, y0 * h, x1 * w, y1 * h), size))
-  return pixels, boxes, keep, fraction
+  if masks is not None:
+    masks = resize_masks(masks[keep], (x0 * w, y0 * h, x1 * w, y1 * h), size)
+  return pixels, boxes, masks, keep, fraction
 
 
 def detection_example(image: np.ndarray, boxes_yxyx: np.ndarray, labels: np.ndarray,
-                      rng: np.random.Generator | None, options: Options, area: np.ndarray | None = None):
+                      rng: np.random.Generator | None, options: Options, area: np.ndarray | None = None,
+                      masks: np.ndarray | None = None):
   """One detection example: resize (letterbox or DETR multi-scale), boxes to cxcywh, pad to `max_boxes`.
 
   Boxes are clipped to the image; degenerate ones (zero width or height, e.g. entirely outside) are removed,
@@ -290,6 +331,12 @@ def detection_example(image: np.ndarray, boxes_yxyx: np.ndarray, labels: np.ndar
   keeps its own size and `pixel_mask` is all True until the batch is padded. Either way boxes are normalised
   to the real image region.
 
+  Instance masks (`options.masks`) follow every geometric step of their image: the flip, the letterbox or
+  multi-scale resize and the crop window, resampled with `resize_masks` (nearest neighbour); they are dropped
+  with their boxes (degenerate, cut away by the crop, past `max_boxes`). A kept box's mask may come out empty
+  (an object thinner than a pixel after downscaling, or a mask that was empty in the annotation): boxes and
+  masks are transformed alike, not made to agree.
+
   Args:
     image: uint8 [H, W, 3].
     boxes_yxyx: float [N, 4] normalised (ymin, xmin, ymax, xmax).
@@ -298,39 +345,59 @@ def detection_example(image: np.ndarray, boxes_yxyx: np.ndarray, labels: np.ndar
     options: see `Options`.
     area: float [N] annotation areas in original pixels (COCO's `area`); None or NaN entries mean the area of
       the (clipped) box. A random crop scales an area by the fraction of its box that stays inside the crop.
+    masks: uint8 [N, H, W] instance masks (nonzero = inside), row-aligned with `boxes_yxyx`; required exactly
+      when `options.masks` (with N = 0 any empty array does).
 
   Returns:
     (features, dropped): features has `image` float32 [h, w, 3] (S x S in letterbox mode), `pixel_mask`
     bool [h, w], `boxes` float32 [M, 4] cxcywh, `labels` int32 [M], `valid` bool [M], `area` float32 [M]
-    (0 past the real boxes), `orig_size` int32 [2] = (H, W); `dropped` is the number of boxes beyond
-    `max_boxes` = M.
+    (0 past the real boxes), `orig_size` int32 [2] = (H, W), and with `options.masks` `masks` uint8
+    [M, h, w] (1 inside the instance, on the same pixels as `image`; 0 on padding pixels and rows);
+    `dropped` is the number of boxes beyond `max_boxes` = M.
+
+  Raises:
+    ValueError: `masks` is given without `options.masks` or missing with it, or its shape is not [N, H, W].
   """
   h, w = image.shape[:2]
   boxes = np.clip(np.asarray(boxes_yxyx, np.float32).reshape(-1, 4), 0.0, 1.0)
   labels = np.asarray(labels, np.int32).reshape(-1)
+  if options.masks != (masks is not None):
+    raise ValueError('detection_example: masks must be given exactly when options.masks is True (got '
+                     f'options.masks={options.masks}, masks {"None" if masks is None else "given"})')
+  if masks is not None:
+    masks = np.asarray(masks)
+    masks = (masks.reshape(0, h, w) if masks.size == 0 else masks) > 0
+    if masks.shape != (len(boxes), h, w):
+      raise ValueError(f'detection_example: masks have shape {masks.shape}, expected [N, H, W] = '
+                       f'{(len(boxes), h, w)} for {len(boxes)} boxes of a {h} x {w} image')
+    masks = masks.astype(np.uint8)
   box_area = detection_transforms.box_area(boxes) * (h * w)
   area = box_area if area is None else np.asarray(area, np.float32).reshape(-1)
   area = np.where(np.isnan(area), box_area, area)
   keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
   boxes, labels, area = boxes[keep], labels[keep], area[keep]
+  masks = None if masks is None else masks[keep]
   if options.scales:
-    pixels, boxes, keep, fraction = _multiscale(image, boxes, rng, options)
+    pixels, boxes, masks, keep, fraction = _multiscale(image, boxes, masks, rng, options)
     labels, area = labels[keep], area[keep] * fraction
     pixel_mask = np.ones(pixels.shape[:2], bool)
   else:
-    pixels, boxes, pixel_mask = _letterbox(image, boxes, rng, options)
+    pixels, boxes, masks, pixel_mask = _letterbox(image, boxes, masks, rng, options)
   boxes, labels, valid, dropped = pad_boxes(yxyx_to_cxcywh(boxes), labels, options.max_boxes)
   padded_area = np.zeros((options.max_boxes,), np.float32)
   padded_area[valid] = area[:options.max_boxes]
   features = {'image': pixels, 'boxes': boxes, 'labels': labels, 'valid': valid, 'area': padded_area,
               'pixel_mask': pixel_mask, 'orig_size': np.array([h, w], np.int32)}
+  if masks is not None:
+    features['masks'] = pad_masks(masks, options.max_boxes)
   return features, dropped
 
 
 def padding_example(task: str, options: Options) -> dict:
   """An all-zero example with `mask=False`, used to fill the last evaluation batch.
 
-  In detection multi-scale mode its image is 1 x 1: batching pads it to the batch's bucket like any other.
+  In detection multi-scale mode its image (and its zero `masks`, with `options.masks`) is 1 x 1: batching pads
+  it to the batch's bucket like any other.
   """
   size = 1 if task == 'detection' and options.scales else options.image_size
   example = {'image': np.zeros((size, size, 3), np.float32), 'mask': np.bool_(False)}
@@ -342,4 +409,6 @@ def padding_example(task: str, options: Options) -> dict:
                    valid=np.zeros((m,), bool), area=np.zeros((m,), np.float32),
                    pixel_mask=np.zeros((size, size), bool),
                    image_id=np.int32(-1), orig_size=np.zeros((2,), np.int32))
+    if options.masks:
+      example['masks'] = np.zeros((m, size, size), np.uint8)
   return example
