@@ -109,7 +109,7 @@ def test_missing_real_dataset_says_how_to_prepare(load_config, tmp_path):
 
 
 # Label counts of the datasets presets name, for presets whose model.num_classes is 0 ("from the data").
-DATASET_CLASSES = {"imagenet2012": 1000, "coco": 80, "shapes": len(shapes_render.CLASS_NAMES)}
+DATASET_CLASSES = {"imagenet2012": 1000, "coco": 80, "coco_folder": 80, "shapes": len(shapes_render.CLASS_NAMES)}
 
 
 def _example_batch(config):

@@ -58,6 +58,9 @@ def from_torch_state_dict(model_name: str, state_dict: Mapping[str, Any], **mode
     ``(module, variables)`` with ``module.apply(variables, images_nhwc, train=False)`` equal to the
     PyTorch model on ``images_nchw``.
   """
+  if model_name.startswith(("fasterrcnn_", "maskrcnn_")):
+    from cvjax.convert import rcnn  # pylint: disable=import-outside-toplevel
+    return rcnn.from_torchvision_rcnn(model_name, state_dict, **model_kwargs)
   if model_name.startswith("detr_"):
     # Imported here: cvjax.convert.detr builds on this module's torchvision naming.
     from cvjax.convert import detr  # pylint: disable=import-outside-toplevel

@@ -142,7 +142,7 @@ def select_preset(presets: Dict[str, Callable[[ml_collections.ConfigDict], None]
   return config
 
 
-def _config_module(path: str):
+def config_module(path: str):
   """The Python module of config file ``path`` (relative to the working directory, else to the repository
   root, so a pretrain config named in a preset resolves wherever the launcher runs)."""
   candidates = [path, os.path.join(REPO_ROOT, path)]
@@ -162,9 +162,9 @@ def load_config_file(spec: str) -> ml_collections.ConfigDict:
     FileNotFoundError: naming the places looked in.
   """
   path, _, preset = spec.partition(":")
-  return _config_module(path).get_config(preset or None)
+  return config_module(path).get_config(preset or None)
 
 
 def config_presets(path: str) -> list[str]:
   """The preset names of config file ``path`` (its ``PRESETS``), sorted."""
-  return sorted(_config_module(path).PRESETS)
+  return sorted(config_module(path).PRESETS)

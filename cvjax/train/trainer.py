@@ -82,8 +82,11 @@ def _train_step(model, task: Task, tx: optax.GradientTransformation, schedule, f
 
   def loss_fn(params):
     variables = {"params": params, "batch_stats": state.batch_stats}
-    outputs, new_model_state = model.apply(variables, *args, train=True, rngs={"dropout": step_rng},
-                                           mutable=["batch_stats"], **kwargs)
+    # Two rng streams: ``dropout``, and ``sample`` for models that draw training samples themselves (the
+    # R-CNN family's anchor / RoI sampling); a model ignores a stream it does not use.
+    rngs = {"dropout": step_rng, "sample": jax.random.fold_in(step_rng, 1)}
+    outputs, new_model_state = model.apply(variables, *args, train=True, rngs=rngs, mutable=["batch_stats"],
+                                           **kwargs)
     loss, metrics = task.loss(outputs, batch)
     return loss, (metrics, new_model_state.get("batch_stats", state.batch_stats))
 

@@ -1,5 +1,5 @@
 """Object detectors: DETR (with its transformer and sine position encoding)."""
 
-from cvjax.models.detection import detr, position_encoding, transformer  # noqa: F401
+from cvjax.models.detection import detr, fpn, position_encoding, rcnn, transformer  # noqa: F401
 
-MODULES = ("detr", "position_encoding", "transformer")
+MODULES = ("detr", "fpn", "position_encoding", "rcnn", "transformer")

@@ -1,0 +1,118 @@
+"""Faster / Mask R-CNN's objective: the RPN, box-head and mask losses with torchvision's normalisations.
+
+Reference: torchvision ``models/detection/rpn.py`` (``RegionProposalNetwork.compute_loss``) and
+``roi_heads.py`` (``fastrcnn_loss``, ``maskrcnn_loss``). The model (``cvjax.models.detection.rcnn``) assigns
+and samples the targets inside the jitted step and returns them with its predictions; the losses here are
+pure functions of those tensors:
+
+  RPN:  BCE of the objectness logits over the sampled anchors + smooth-L1 (beta 1/9, summed) of the deltas of
+        the sampled positives, both divided by the number of sampled anchors in the batch;
+  box:  cross-entropy over the sampled RoIs (mean) + smooth-L1 (beta 1/9, summed) of the target class's deltas
+        over the positive RoIs, divided by the number of sampled RoIs;
+  mask: per-pixel BCE of the target class's 28x28 mask logits against the RoIAligned GT masks, mean over the
+        pixels of the positive RoIs.
+
+Every sum runs over the global batch (the train loop's arrays are sharded), so the normalisations are the
+batch's, as torchvision's over its concatenated images. A batch without any sampled element (or without
+positives) gives zero for that term, never NaN.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Tuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from cvjax.ops.losses import smooth_l1_loss
+from cvjax.tasks.base import TASKS, Metrics
+from cvjax.tasks.detection import DetectionTask, to_absolute_xyxy
+
+BOX_BETA = 1.0 / 9.0
+
+
+def _safe_mean(total: jax.Array, count: jax.Array) -> jax.Array:
+  return total / jnp.maximum(count, 1.0)
+
+
+def rpn_losses(outputs: Dict[str, jax.Array], example_mask: jax.Array) -> Dict[str, jax.Array]:
+  """``loss_objectness`` and ``loss_rpn_box_reg`` from the model's ``rpn_*`` outputs (module docstring)."""
+  labels = jnp.where(example_mask[:, None], outputs["rpn_labels"], -1)
+  sampled = (labels >= 0).astype(jnp.float32)
+  positive = (labels == 1).astype(jnp.float32)
+  count = sampled.sum()
+  bce = optax.sigmoid_binary_cross_entropy(outputs["rpn_logits"].astype(jnp.float32),
+                                           positive)
+  box = smooth_l1_loss(outputs["rpn_deltas"].astype(jnp.float32), outputs["rpn_targets"], BOX_BETA,
+                       reduction="none").sum(-1)
+  return {"loss_objectness": _safe_mean((bce * sampled).sum(), count),
+          "loss_rpn_box_reg": _safe_mean((box * positive).sum(), count)}
+
+
+def box_losses(outputs: Dict[str, jax.Array], example_mask: jax.Array) -> Dict[str, jax.Array]:
+  """``loss_classifier`` and ``loss_box_reg`` from the model's ``roi_*`` outputs (module docstring)."""
+  labels = jnp.where(example_mask[:, None], outputs["roi_labels"], -1)
+  sampled = (labels >= 0).astype(jnp.float32)
+  positive = (labels > 0).astype(jnp.float32)
+  count = sampled.sum()
+  logits = outputs["roi_logits"].astype(jnp.float32)
+  nll = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.maximum(labels, 0))
+  box = smooth_l1_loss(outputs["roi_deltas"].astype(jnp.float32), outputs["roi_targets"], BOX_BETA,
+                       reduction="none").sum(-1)
+  correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
+  return {"loss_classifier": _safe_mean((nll * sampled).sum(), count),
+          "loss_box_reg": _safe_mean((box * positive).sum(), count),
+          "roi_accuracy": _safe_mean((correct * sampled).sum(), count)}
+
+
+def mask_loss(outputs: Dict[str, jax.Array], example_mask: jax.Array) -> jax.Array:
+  """``loss_mask``: mean BCE over the 28x28 pixels of the positive RoIs (0 without positives)."""
+  valid = (outputs["mask_valid"] & example_mask[:, None]).astype(jnp.float32)
+  bce = optax.sigmoid_binary_cross_entropy(outputs["mask_logits"].astype(jnp.float32),
+                                           outputs["mask_targets"]).mean((-2, -1))
+  return _safe_mean((bce * valid).sum(), valid.sum())
+
+
+@TASKS.register("rcnn")
+class RCNNTask(DetectionTask):
+  """Faster / Mask R-CNN. Config keys ``task.num_visualizations``.
+
+  Batches as ``cvjax.tasks.detection`` describes, plus ``masks [B, M, H, W]`` (uint8, image frame) for Mask
+  R-CNN (``config.dataset.masks=True``).
+  """
+
+  def model_inputs(self, batch):
+    """Images, the pixel mask and (when the batch has them) the targets as the model takes them: boxes in
+    absolute xyxy input pixels of each image's real region."""
+    kwargs = {"pixel_mask": batch["pixel_mask"]}
+    if "boxes" not in batch:  # e.g. an image-only batch for init or inference
+      return (batch["image"],), kwargs
+    sizes = jnp.stack([batch["pixel_mask"].any(2).sum(1), batch["pixel_mask"].any(1).sum(1)], -1)
+    kwargs.update(gt_boxes=to_absolute_xyxy(batch["boxes"], sizes), gt_labels=batch["labels"],
+                  gt_valid=batch["valid"])
+    if "masks" in batch:
+      kwargs["gt_masks"] = batch["masks"]
+    return (batch["image"],), kwargs
+
+  def loss(self, outputs, batch) -> Tuple[jax.Array, Metrics]:
+    example_mask = jnp.asarray(batch.get("mask", jnp.ones(batch["image"].shape[:1], bool)), bool)
+    terms = dict(rpn_losses(outputs, example_mask), **box_losses(outputs, example_mask))
+    if "mask_logits" in outputs:
+      terms["loss_mask"] = mask_loss(outputs, example_mask)
+    loss = sum(value for name, value in terms.items() if name.startswith("loss_"))
+    one = jnp.ones((), jnp.float32)
+    metrics = {"loss": (loss, one)}
+    metrics.update({name: (value, one) for name, value in terms.items()})
+    metrics["num_positive_rois"] = ((outputs["roi_labels"] > 0).sum().astype(jnp.float32), one)
+    return loss, metrics
+
+  def detections(self, outputs, batch) -> Dict[str, jax.Array]:
+    """The model's detections with boxes scaled from input pixels to original-image pixels."""
+    real = jnp.stack([batch["pixel_mask"].any(2).sum(1), batch["pixel_mask"].any(1).sum(1)], -1)
+    scale = batch["orig_size"].astype(jnp.float32) / jnp.maximum(real.astype(jnp.float32), 1.0)
+    boxes = outputs["boxes"] * jnp.stack([scale[:, 1], scale[:, 0]] * 2, -1)[:, None, :]
+    result = {"boxes": boxes, "scores": outputs["scores"], "labels": outputs["labels"], "valid": outputs["valid"]}
+    if "mask_probs" in outputs:
+      result["mask_probs"] = outputs["mask_probs"]
+    return result

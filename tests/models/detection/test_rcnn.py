@@ -1,0 +1,134 @@
+"""cvjax's Mask R-CNN in training and evaluation: output contract, sampling budgets, and the robustness cases
+(no objects, degenerate / out-of-image boxes, empty masks, no overlapping proposals) never giving NaN."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cvjax.models import create_model
+from cvjax.tasks.rcnn import box_losses, mask_loss, rpn_losses
+
+SIZE, CLASSES, MAX_BOXES = 32, 3, 4
+TINY = dict(num_classes=CLASSES, backbone_width=4, backbone_frozen_bn=False, fpn_channels=8,
+            anchor_sizes=((4,), (8,), (16,), (32,), (64,)), representation_size=16, mask_head_channels=8,
+            rpn_pre_nms_top_n_train=50, rpn_post_nms_top_n_train=20, rpn_pre_nms_top_n_test=50,
+            rpn_post_nms_top_n_test=20, rpn_batch_size_per_image=32, box_batch_size_per_image=16,
+            box_detections_per_img=8, canonical_scale=56.0)
+
+
+def _targets(boxes_per_image):
+  """Padded GT of a batch: boxes [B, M, 4] xyxy, labels, valid, masks [B, M, H, W] (each box filled)."""
+  batch = len(boxes_per_image)
+  boxes = np.zeros((batch, MAX_BOXES, 4), np.float32)
+  labels = np.zeros((batch, MAX_BOXES), np.int32)
+  valid = np.zeros((batch, MAX_BOXES), bool)
+  masks = np.zeros((batch, MAX_BOXES, SIZE, SIZE), np.uint8)
+  for b, image_boxes in enumerate(boxes_per_image):
+    for m, box in enumerate(image_boxes):
+      boxes[b, m], labels[b, m], valid[b, m] = box, m % CLASSES, True
+      x1, y1, x2, y2 = (int(round(v)) for v in np.clip(box, 0, SIZE))
+      masks[b, m, y1:y2, x1:x2] = 1
+  return dict(gt_boxes=jnp.asarray(boxes), gt_labels=jnp.asarray(labels), gt_valid=jnp.asarray(valid),
+              gt_masks=jnp.asarray(masks))
+
+
+@pytest.fixture(scope="module")
+def model_and_variables():
+  model = create_model("maskrcnn_resnet18_fpn", **TINY)
+  images = jnp.zeros((2, SIZE, SIZE, 3))
+  # The same variables without tracing the mask pasting (init runs the eval path).
+  init = model.clone(return_pasted_masks=False).init
+  variables = jax.jit(functools.partial(init, train=False))(jax.random.PRNGKey(0), images)
+  return model, variables
+
+
+@pytest.fixture(scope="module")
+def train_fn(model_and_variables):
+  model, variables = model_and_variables
+
+  @jax.jit
+  def run(params, images, targets, rng):
+    def loss(p):
+      outputs, _ = model.apply({"params": p, "batch_stats": variables["batch_stats"]}, images, train=True,
+                               rngs={"sample": rng}, mutable=["batch_stats"], **targets)
+      mask = jnp.ones(images.shape[:1], bool)
+      terms = dict(rpn_losses(outputs, mask), **box_losses(outputs, mask), loss_mask=mask_loss(outputs, mask))
+      return sum(v for k, v in terms.items() if k.startswith("loss_")), (terms, outputs)
+    (total, (terms, outputs)), grads = jax.value_and_grad(loss, has_aux=True)(params)
+    return total, terms, outputs, grads
+
+  return lambda images, targets, seed=0: run(variables["params"], images, targets, jax.random.PRNGKey(seed))
+
+
+def _images(seed=0):
+  return jnp.asarray(np.random.default_rng(seed).normal(size=(2, SIZE, SIZE, 3)).astype(np.float32))
+
+
+def _finite(tree):
+  return all(bool(jnp.isfinite(x).all()) for x in jax.tree_util.tree_leaves(tree))
+
+
+def test_train_outputs_respect_the_sampling_budgets(train_fn):
+  targets = _targets([[(2, 3, 14, 20), (16, 16, 30, 28)], [(5, 5, 25, 25)]])
+  total, terms, outputs, grads = train_fn(_images(), targets)
+  assert _finite((total, terms, grads)) and float(total) > 0
+  rpn = np.asarray(outputs["rpn_labels"])
+  assert ((rpn >= 0).sum(1) <= 32).all() and ((rpn == 1).sum(1) <= 16).all() and (rpn == 1).sum(1).min() >= 1
+  roi = np.asarray(outputs["roi_labels"])
+  assert roi.shape == (2, 16) and ((roi > 0).sum(1) <= 4).all() and (roi > 0).sum(1).min() >= 1
+  # Positive labels are the matched GT's class + 1: image 1 has one object, of class 0.
+  assert set(roi[1][roi[1] > 0]) == {1}
+  assert outputs["mask_logits"].shape == (2, 4, 28, 28)
+  assert np.asarray(outputs["mask_valid"]).sum() == (roi > 0).sum()
+  targets_in_range = np.asarray(outputs["mask_targets"])
+  assert targets_in_range.min() >= 0 and targets_in_range.max() <= 1 and targets_in_range.max() > 0.5
+  for name in ("loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg", "loss_mask"):
+    assert float(terms[name]) > 0, name
+
+
+def test_sampling_depends_on_the_rng(train_fn):
+  targets = _targets([[(2, 3, 14, 20), (16, 16, 30, 28)], [(5, 5, 25, 25)]])
+  first = np.asarray(train_fn(_images(), targets, seed=0)[2]["rpn_labels"])
+  again = np.asarray(train_fn(_images(), targets, seed=0)[2]["rpn_labels"])
+  other = np.asarray(train_fn(_images(), targets, seed=1)[2]["rpn_labels"])
+  np.testing.assert_array_equal(first, again)
+  assert (first != other).any()
+
+
+def test_images_without_objects_train_on_negatives_only(train_fn):
+  total, terms, outputs, grads = train_fn(_images(), _targets([[], []]))
+  assert _finite((total, terms, grads))
+  assert (np.asarray(outputs["rpn_labels"]) != 1).all() and (np.asarray(outputs["rpn_labels"]) == 0).any()
+  assert (np.asarray(outputs["roi_labels"]) <= 0).all()
+  assert float(terms["loss_rpn_box_reg"]) == 0 and float(terms["loss_box_reg"]) == 0
+  assert float(terms["loss_mask"]) == 0 and float(terms["loss_objectness"]) > 0
+
+
+def test_degenerate_out_of_image_boxes_and_empty_masks_give_no_nan(train_fn):
+  targets = _targets([[(5, 5, 5, 20), (20, 20, 60, 50)], [(-10, -10, 8, 8)]])
+  targets["gt_masks"] = targets["gt_masks"].at[1].set(0)  # an object whose mask is empty
+  total, terms, outputs, grads = train_fn(_images(), targets)
+  assert _finite((total, terms, grads))
+  # The zero-width box is no target: image 0's positives all match its second box (label 1 -> 2).
+  roi = np.asarray(outputs["roi_labels"][0])
+  assert set(roi[roi > 0]) == {2}
+
+
+def test_eval_outputs_follow_the_detection_convention(model_and_variables):
+  model, variables = model_and_variables
+  outputs = jax.jit(functools.partial(model.apply, train=False))(variables, _images())
+  d = TINY["box_detections_per_img"]
+  assert outputs["boxes"].shape == (2, d, 4) and outputs["scores"].shape == (2, d)
+  assert outputs["labels"].dtype == jnp.int32 and outputs["valid"].shape == (2, d)
+  assert outputs["masks"].shape == (2, d, SIZE, SIZE) and outputs["mask_probs"].shape == (2, d, 28, 28)
+  assert _finite(outputs)
+  valid = np.asarray(outputs["valid"])
+  labels = np.asarray(outputs["labels"])
+  assert ((labels >= 0) & (labels < CLASSES)).all()
+  boxes = np.asarray(outputs["boxes"])[valid]
+  assert (boxes >= 0).all() and (boxes <= SIZE).all()
+  masks = np.asarray(outputs["masks"])
+  assert masks.min() >= 0 and masks.max() <= 1 and (masks[~valid] == 0).all()
