@@ -54,8 +54,10 @@ def _shapes(c, steps: int):
   c.model.mask_target_max_sampling_grid = 2   # exact for RoIs up to 56 pixels: every shape at 64x64
   c.batch_size = 16
   c.total_steps = steps
-  c.optimizer.name = "momentum"
-  c.optimizer.learning_rate = 0.02
+  # From scratch at this scale AdamW learns faster than the COCO recipe's SGD 0.02 (which reached box AP50
+  # 0.58 at step 1,250 of a 1,500-step cosine run).
+  c.optimizer.name = "adamw"
+  c.optimizer.learning_rate = 1e-3
   c.optimizer.weight_decay = 1e-4
   c.optimizer.warmup_steps = 100
   c.optimizer.schedule = "cosine"
@@ -66,7 +68,7 @@ def _shapes(c, steps: int):
 
 
 def default(c):
-  _shapes(c, steps=1500)
+  _shapes(c, steps=2500)
 
 
 def tiny(c):

@@ -10,6 +10,14 @@ without annotation files is it rebuilt from the evaluation batches' boxes (``gt_
 all there is.
 
 Category ids in the results JSON are the dataset's original ids when it has them (COCO), else ``label + 1``.
+
+Instance segmentation (``segm``): when the outputs carry ``mask_probs [B, D, m, m]`` (each detection's
+box-relative mask probabilities, Mask R-CNN's 28x28), the evaluator pastes them at the original image size
+into the detection boxes (``cvjax.ops.masks.paste_masks_in_image``, as torchvision's postprocessing),
+thresholds them at 0.5, RLE-encodes them (``pycocotools.mask.encode``) and runs COCOeval ``segm`` as well; its
+stats are reported as ``mask_AP``, ``mask_AP50``, ... Ground truth rebuilt from batches then takes each
+object's mask from ``gt_masks [B, M, h, w]`` (the model-input frame, real region top-left, of ``input_size
+[B, 2]``), resized to the original size with nearest-neighbour sampling.
 """
 
 from __future__ import annotations
@@ -59,6 +67,7 @@ class DetectionEvaluator:
     self._images: List[dict] = []
     self._annotations: List[dict] = []
     self._detections: List[dict] = []
+    self._segmentations: List[dict] = []
     self._seen: Dict[int, Tuple[int, int]] = {}  # image id -> original (height, width), in evaluation order
     self._drawable: Dict[int, np.ndarray] = {}  # image_id -> uint8 real region of the model input
 
@@ -78,19 +87,40 @@ class DetectionEvaluator:
                                    outputs["scores"][b][keep]):
         self._detections.append({"image_id": image_id, "category_id": self.category_ids[int(label)],
                                  "bbox": _xywh(box), "score": float(score)})
+      if "mask_probs" in outputs:
+        self._add_segmentations(outputs, b, image_id, keep)
     if inputs is not None and len(self._drawable) < self.num_visualizations:
       self._keep_images(inputs)
+
+  def _add_segmentations(self, outputs: Dict[str, np.ndarray], b: int, image_id: int, keep: np.ndarray) -> None:
+    from cvjax.ops.masks import paste_masks_in_image  # deferred: jax is only needed for masks
+
+    height, width = self._seen[image_id]
+    boxes = outputs["boxes"][b][keep].astype(np.float32)
+    pasted = np.asarray(paste_masks_in_image(outputs["mask_probs"][b][keep], boxes, (height, width))) > 0.5
+    for rle, label, score in zip(_encode(pasted), outputs["labels"][b][keep], outputs["scores"][b][keep]):
+      self._segmentations.append({"image_id": image_id, "category_id": self.category_ids[int(label)],
+                                  "segmentation": rle, "score": float(score)})
 
   def _add_batch_ground_truth(self, outputs: Dict[str, np.ndarray], b: int, image_id: int) -> None:
     height, width = self._seen[image_id]
     self._images.append({"id": image_id, "height": height, "width": width})
     real = outputs["gt_valid"][b]
-    for box, label, area in zip(outputs["gt_boxes"][b][real], outputs["gt_labels"][b][real],
-                                outputs["gt_area"][b][real]):
+    segmentations = [None] * int(real.sum())
+    if "gt_masks" in outputs:
+      h, w = (int(v) for v in outputs["input_size"][b])
+      rows = np.minimum((np.arange(height) + 0.5) * h / height, h - 1).astype(int)
+      columns = np.minimum((np.arange(width) + 0.5) * w / width, w - 1).astype(int)
+      segmentations = _encode(outputs["gt_masks"][b][real][:, rows][:, :, columns] > 0)
+    for box, label, area, segmentation in zip(outputs["gt_boxes"][b][real], outputs["gt_labels"][b][real],
+                                              outputs["gt_area"][b][real], segmentations):
       # COCO annotation ids must be non-zero.
-      self._annotations.append({"id": len(self._annotations) + 1, "image_id": image_id,
-                                "category_id": self.category_ids[int(label)], "bbox": _xywh(box),
-                                "area": float(area), "iscrowd": 0})
+      annotation = {"id": len(self._annotations) + 1, "image_id": image_id,
+                    "category_id": self.category_ids[int(label)], "bbox": _xywh(box), "area": float(area),
+                    "iscrowd": 0}
+      if segmentation is not None:
+        annotation["segmentation"] = segmentation
+      self._annotations.append(annotation)
 
   def _keep_images(self, inputs) -> None:
     from cvjax.viz.image import unnormalize_image  # deferred: matplotlib is only needed for drawing
@@ -134,23 +164,29 @@ class DetectionEvaluator:
       unknown = [i for i in self._seen if i not in ground_truth.imgs]
       if unknown:
         raise ValueError(f"evaluated image ids {unknown[:5]} are not in the dataset's ground truth")
-      # loadRes mutates its input (adds ids/areas): hand it copies.
-      detections = ground_truth.loadRes([dict(d) for d in self._detections])
-      coco_eval = COCOeval(ground_truth, detections, "bbox")
-      coco_eval.params.imgIds = sorted(self._seen)
-      coco_eval.evaluate()
-      coco_eval.accumulate()
-      coco_eval.summarize()
-    scalars.update({name: float(value) for name, value in zip(COCO_STATS, coco_eval.stats)})
+      runs = [("bbox", self._detections, "")] + ([("segm", self._segmentations, "mask_")]
+                                                  if self._segmentations else [])
+      for iou_type, results, prefix in runs:
+        # loadRes mutates its input (adds ids/areas): hand it copies.
+        coco_eval = COCOeval(ground_truth, ground_truth.loadRes([dict(d) for d in results]), iou_type)
+        coco_eval.params.imgIds = sorted(self._seen)
+        coco_eval.evaluate()
+        coco_eval.accumulate()
+        coco_eval.summarize()
+        scalars.update({prefix + name: float(value) for name, value in zip(COCO_STATS, coco_eval.stats)})
+        details[f"per_class_{prefix}AP"] = self._per_class_ap(coco_eval)
+    details["coco_summary"] = [line for line in summary.getvalue().splitlines() if line.lstrip().startswith("Average")]
+    return scalars, details
+
+  def _per_class_ap(self, coco_eval) -> Dict[str, float]:
     # precision [IoU thresholds, recall points, categories, area ranges, max dets]; -1 = no ground truth.
     precision = coco_eval.eval["precision"][:, :, :, 0, -1]
     names = dict(zip(self.category_ids, self.class_names))
+    per_class = {}
     for k, cid in enumerate(coco_eval.params.catIds):
       values = precision[:, :, k]
-      name = names.get(cid, str(cid))
-      details["per_class_AP"][name] = float(values[values > -1].mean()) if (values > -1).any() else -1.0
-    details["coco_summary"] = summary.getvalue().splitlines()[-12:]
-    return scalars, details
+      per_class[names.get(cid, str(cid))] = float(values[values > -1].mean()) if (values > -1).any() else -1.0
+    return per_class
 
   def write_files(self, directory: str, step: int, score_threshold: float = 0.5) -> List[str]:
     """Writes the COCO results JSON and PNGs of predicted vs ground-truth boxes; returns the paths."""
@@ -158,6 +194,10 @@ class DetectionEvaluator:
     paths = [os.path.join(directory, f"detections_step_{step}.json")]
     with open(paths[0], "w") as f:
       json.dump(self._detections, f)
+    if self._segmentations:
+      paths.append(os.path.join(directory, f"segmentations_step_{step}.json"))
+      with open(paths[-1], "w") as f:
+        json.dump(self._segmentations, f)
     if not self._drawable:
       return paths
     from cvjax.viz.detection import draw_detections
@@ -184,6 +224,14 @@ class DetectionEvaluator:
           class_names=self.class_names, path=path, score_threshold=score_threshold)
       paths.append(path)
     return paths
+
+
+def _encode(masks: np.ndarray) -> List[dict]:
+  """COCO RLEs (``counts`` as str, JSON-ready) of bool masks ``[N, H, W]``."""
+  from pycocotools import mask as mask_utils
+
+  rles = mask_utils.encode(np.asfortranarray(np.moveaxis(masks, 0, -1).astype(np.uint8))) if len(masks) else []
+  return [dict(rle, counts=rle["counts"].decode("ascii")) for rle in rles]
 
 
 def _xywh(box: np.ndarray) -> List[float]:
