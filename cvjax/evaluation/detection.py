@@ -211,6 +211,16 @@ class DetectionEvaluator:
       # Boxes are in original pixels; the kept image is the model input's real region.
       scale = np.array([image.shape[1] / width, image.shape[0] / height] * 2)
       preds = [d for d in self._detections if d["image_id"] == image_id]
+      masks = None
+      if self._segmentations:
+        from pycocotools import mask as mask_utils
+        rles = [d["segmentation"] for d in self._segmentations if d["image_id"] == image_id]
+        # Segmentations and detections are appended in the same order; masks are resized to the kept image.
+        full = np.stack([mask_utils.decode(dict(r, counts=r["counts"].encode("ascii"))) for r in rles]) \
+            if rles else np.zeros((0, height, width), np.uint8)
+        rows = np.minimum((np.arange(image.shape[0]) + 0.5) * height / image.shape[0], height - 1).astype(int)
+        cols = np.minimum((np.arange(image.shape[1]) + 0.5) * width / image.shape[1], width - 1).astype(int)
+        masks = full[:, rows][:, :, cols] > 0
       gts = [a for a in ground_truth["annotations"]
              if a["image_id"] == image_id and not a.get("iscrowd", 0) and a["category_id"] in label_of]
       path = os.path.join(directory, f"step_{step}_image_{image_id}.png")
@@ -221,7 +231,7 @@ class DetectionEvaluator:
           pred_labels=np.array([label_of[d["category_id"]] for d in preds], int),
           gt_boxes_xyxy=np.array([_xyxy(a["bbox"]) for a in gts]).reshape(-1, 4) * scale,
           gt_labels=np.array([label_of[a["category_id"]] for a in gts], int),
-          class_names=self.class_names, path=path, score_threshold=score_threshold)
+          class_names=self.class_names, path=path, score_threshold=score_threshold, pred_masks=masks)
       paths.append(path)
     return paths
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from typing import Optional, Sequence
 
+import matplotlib
 import numpy as np
 from matplotlib.lines import Line2D
 from matplotlib.patches import Rectangle
@@ -42,7 +43,7 @@ def draw_detections(image_uint8: np.ndarray, pred_boxes_xyxy: Optional[np.ndarra
                     pred_scores: Optional[np.ndarray], pred_labels: Optional[np.ndarray],
                     gt_boxes_xyxy: Optional[np.ndarray], gt_labels: Optional[np.ndarray],
                     class_names: Optional[Sequence[str]], path: str, score_threshold: float = 0.5, *,
-                    display_px: int = 512) -> str:
+                    display_px: int = 512, pred_masks: Optional[np.ndarray] = None) -> str:
   """Writes a PNG of the image with its predicted and ground-truth boxes.
 
   Predictions with ``score >= score_threshold`` are solid rectangles labelled 'class score' inside their
@@ -60,6 +61,8 @@ def draw_detections(image_uint8: np.ndarray, pred_boxes_xyxy: Optional[np.ndarra
     class_names: names of the class indices; None (or an index past the end) draws the number.
     path: the PNG to write; its directory is created.
     score_threshold: predictions below it are not drawn.
+    pred_masks: optional bool ``[P, H, W]`` instance masks of the predictions, drawn as translucent overlays
+      (one colour per prediction) under the boxes of those drawn.
     display_px: the image is enlarged by the integer factor ``s = max(1, ceil(display_px / max(H, W)))`` so
       that labels stay legible on small images.
 
@@ -94,6 +97,15 @@ def draw_detections(image_uint8: np.ndarray, pred_boxes_xyxy: Optional[np.ndarra
   for box, label in zip(gt_boxes, gt_labels):
     draw(box, GROUND_TRUTH_COLOR, (0, (4, 3)), _class_name(label, class_names), box[3], "bottom")
   keep = np.flatnonzero(pred_scores >= score_threshold)
+  if pred_masks is not None:
+    pred_masks = np.asarray(pred_masks, bool)
+    if pred_masks.shape != (len(pred_boxes), height, width):
+      raise ValueError(f"pred_masks must be [P, H, W] = {(len(pred_boxes), height, width)}, got {pred_masks.shape}")
+    colours = matplotlib.colormaps["tab10"]
+    for n, i in enumerate(keep):
+      overlay = np.zeros((height, width, 4))
+      overlay[pred_masks[i]] = (*colours(n % 10)[:3], 0.45)
+      axes.imshow(overlay, extent=(0, width, height, 0), interpolation="nearest")
   for i in keep[np.argsort(pred_scores[keep], kind="stable")]:
     text = f"{_class_name(pred_labels[i], class_names)} {pred_scores[i]:.2f}"
     draw(pred_boxes[i], PREDICTION_COLOR, "-", text, pred_boxes[i][1], "top")

@@ -108,3 +108,23 @@ def test_no_detections_gives_zeros_not_nan():
   scalars, _ = evaluator.result()
   assert all(np.isfinite(v) for v in scalars.values())
   assert scalars["AP"] == 0.0
+
+
+def test_drawings_overlay_the_predicted_masks(tmp_path):
+  from PIL import Image
+  inputs = {"image": np.zeros((2, SIZE, SIZE, 3), np.float32), "pixel_mask": np.ones((2, SIZE, SIZE), bool),
+            "image_id": np.array(list(OBJECTS)), "mask": np.ones((2,), bool)}
+  drawn = {}
+  for with_masks in (True, False):
+    evaluator = DetectionEvaluator(["a", "b"], ground_truth=_dataset_ground_truth(), num_visualizations=1)
+    outputs = _outputs(0.0, with_batch_ground_truth=False)
+    if not with_masks:
+      del outputs["mask_probs"]
+    evaluator.update(outputs, inputs=inputs)
+    evaluator.result()
+    (png,) = [p for p in evaluator.write_files(str(tmp_path / str(with_masks)), step=3) if p.endswith(".png")]
+    drawn[with_masks] = np.asarray(Image.open(png).convert("RGB"), np.float64)
+  # The overlay colours the inside of image 1's first object (x 3..18, y 4..16 of 40 -> the PNG's scale).
+  scale = drawn[True].shape[0] / SIZE
+  inside = (slice(int(7 * scale), int(13 * scale)), slice(int(6 * scale), int(15 * scale)))
+  assert np.abs(drawn[True][inside] - drawn[False][inside]).mean() > 20
