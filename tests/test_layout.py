@@ -16,7 +16,7 @@ ALLOWED = {
     "ops": {"ops"},
     "models": {"ops", "models", "registry"},
     "viz": {"viz", "data"},
-    "evaluation": {"evaluation", "viz"},
+    "evaluation": {"evaluation", "viz", "ops"},   # ops is the bottom layer (the segm evaluator pastes masks)
     "data": {"data", "registry"},
     "convert": {"convert", "models", "ops"},
     "tasks": {"tasks", "ops", "evaluation", "registry"},
