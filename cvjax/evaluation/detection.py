@@ -14,10 +14,13 @@ Category ids in the results JSON are the dataset's original ids when it has them
 Instance segmentation (``segm``): when the outputs carry ``mask_probs [B, D, m, m]`` (each detection's
 box-relative mask probabilities, Mask R-CNN's 28x28), the evaluator pastes them at the original image size
 into the detection boxes (``cvjax.ops.masks.paste_masks_in_image``, as torchvision's postprocessing),
-thresholds them at 0.5, RLE-encodes them (``pycocotools.mask.encode``) and runs COCOeval ``segm`` as well; its
-stats are reported as ``mask_AP``, ``mask_AP50``, ... Ground truth rebuilt from batches then takes each
-object's mask from ``gt_masks [B, M, h, w]`` (the model-input frame, real region top-left, of ``input_size
-[B, 2]``), resized to the original size with nearest-neighbour sampling.
+keeps the pixels above 0.5 (torchvision's COCO evaluation: ``masks > 0.5``), RLE-encodes them
+(``pycocotools.mask.encode``) and runs COCOeval ``segm`` as well, on the same ground truth: the dataset's
+annotations carry ``segmentation`` (polygons, RLE, crowd RLE), and ground truth rebuilt from batches takes each
+object's mask from ``gt_masks [B, M, h, w]`` (the model-input frame, real region top-left, of size ``input_size
+[B, 2]``), resized to the original size by nearest neighbour at pixel centres. Its 12 stats are ``mask_AP``,
+``mask_AP50``, ... ``mask_ARl`` (the bbox ones keep their names), per-class AP ``details['per_class_mask_AP']``,
+results ``segmentations_step_N.json`` beside the bbox ``detections_step_N.json``.
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+MASK_THRESHOLD = 0.5  # pasted mask probabilities above it are the instance (torchvision's COCO evaluation)
+_PASTE_PIXELS = 2**24  # float32 pasted-mask elements per paste_masks_in_image call (64 MiB)
 COCO_STATS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 GroundTruth = Union[Dict[str, Any], Callable[[], Dict[str, Any]]]
 
@@ -41,8 +46,12 @@ class DetectionEvaluator:
   [B, D, 4]`` absolute xyxy in original-image pixels, ``scores [B, D]``, ``labels [B, D]`` (0-based), optional
   ``valid [B, D]`` (all True if absent), ``image_id [B]``, ``orig_size [B, 2]`` (h, w), ``mask [B]``, and
   without ``ground_truth`` also ``gt_boxes [B, M, 4]`` (same convention), ``gt_labels [B, M]``, ``gt_valid
-  [B, M]``, ``gt_area [B, M]``. ``inputs``: this process's host batch (``image``, ``pixel_mask``,
-  ``image_id``, ``mask``), used only to keep the first ``num_visualizations`` images for drawing.
+  [B, M]``, ``gt_area [B, M]``. Instance-segmentation models add ``mask_probs [B, D, m, m]`` (float, each
+  detection's box-relative mask probabilities), and without ``ground_truth`` also ``gt_masks [B, M, h, w]``
+  (uint8, nonzero inside the object, in the model-input frame with the real region top-left) and
+  ``input_size [B, 2]`` (that real region's (h, w), e.g. from ``pixel_mask``). ``inputs``: this process's
+  host batch (``image``, ``pixel_mask``, ``image_id``, ``mask``), used only to keep the first
+  ``num_visualizations`` images for drawing.
 
   Args:
     class_names: one name per label.
@@ -50,7 +59,8 @@ class DetectionEvaluator:
       ``label + 1``.
     num_visualizations: images kept for ``write_files``' drawings.
     ground_truth: the split's annotations as a COCO-format dict (``images`` with ``id``/``height``/``width``,
-      ``annotations`` with ``image_id``/``category_id``/``bbox``/``area``/``iscrowd``, ``categories``), or a
+      ``annotations`` with ``image_id``/``category_id``/``bbox``/``area``/``iscrowd``, and ``segmentation``
+      (polygons or RLE) for ``mask_probs`` outputs, ``categories``), or a
       zero-argument callable returning it (built when ``result`` first needs it); None rebuilds it from the
       ``gt_*`` outputs.
   """
@@ -68,12 +78,18 @@ class DetectionEvaluator:
     self._annotations: List[dict] = []
     self._detections: List[dict] = []
     self._segmentations: List[dict] = []
+    self._with_masks = False  # some outputs carried mask_probs: segm stats are reported (0 when undefined)
     self._seen: Dict[int, Tuple[int, int]] = {}  # image id -> original (height, width), in evaluation order
     self._drawable: Dict[int, np.ndarray] = {}  # image_id -> uint8 real region of the model input
 
   def update(self, outputs: Dict[str, np.ndarray], inputs: Optional[Dict[str, np.ndarray]] = None) -> None:
     """Adds one evaluation batch (rows with ``mask=False`` are padding and ignored)."""
     outputs = {key: np.asarray(value) for key, value in outputs.items()}
+    if "mask_probs" in outputs:
+      self._with_masks = True
+      if self._ground_truth is None and not {"gt_masks", "input_size"} <= set(outputs):
+        raise ValueError("outputs carry mask_probs but not gt_masks [B, M, h, w] and input_size [B, 2], which the "
+                         "segm ground truth is rebuilt from when the dataset has no annotation file")
     valid = outputs.get("valid", np.ones(outputs["scores"].shape, bool))
     for b in np.flatnonzero(outputs["mask"]):
       image_id = int(outputs["image_id"][b])
@@ -81,7 +97,7 @@ class DetectionEvaluator:
         raise ValueError(f"image_id {image_id} appears twice in the evaluation split; ids must be unique")
       self._seen[image_id] = tuple(int(v) for v in outputs["orig_size"][b])
       if self._ground_truth is None:
-        self._add_batch_ground_truth(outputs, b, image_id)
+        self._add_batch_ground_truth(outputs, b, image_id, with_masks="mask_probs" in outputs)
       keep = valid[b]
       for box, label, score in zip(outputs["boxes"][b][keep], outputs["labels"][b][keep],
                                    outputs["scores"][b][keep]):
@@ -97,21 +113,25 @@ class DetectionEvaluator:
 
     height, width = self._seen[image_id]
     boxes = outputs["boxes"][b][keep].astype(np.float32)
-    pasted = np.asarray(paste_masks_in_image(outputs["mask_probs"][b][keep], boxes, (height, width))) > 0.5
-    for rle, label, score in zip(_encode(pasted), outputs["labels"][b][keep], outputs["scores"][b][keep]):
+    probs = outputs["mask_probs"][b][keep]
+    chunk = max(1, _PASTE_PIXELS // (height * width))  # bounds the float32 [chunk, H, W] of large images
+    rles = []
+    for start in range(0, len(boxes), chunk):  # NumPy arrays: pasted by NumPy, nothing compiled per image size
+      pasted = paste_masks_in_image(probs[start:start + chunk], boxes[start:start + chunk], (height, width))
+      rles += _encode(pasted > MASK_THRESHOLD)
+    for rle, label, score in zip(rles, outputs["labels"][b][keep], outputs["scores"][b][keep]):
       self._segmentations.append({"image_id": image_id, "category_id": self.category_ids[int(label)],
                                   "segmentation": rle, "score": float(score)})
 
-  def _add_batch_ground_truth(self, outputs: Dict[str, np.ndarray], b: int, image_id: int) -> None:
+  def _add_batch_ground_truth(self, outputs: Dict[str, np.ndarray], b: int, image_id: int,
+                              with_masks: bool) -> None:
     height, width = self._seen[image_id]
     self._images.append({"id": image_id, "height": height, "width": width})
     real = outputs["gt_valid"][b]
     segmentations = [None] * int(real.sum())
-    if "gt_masks" in outputs:
-      h, w = (int(v) for v in outputs["input_size"][b])
-      rows = np.minimum((np.arange(height) + 0.5) * h / height, h - 1).astype(int)
-      columns = np.minimum((np.arange(width) + 0.5) * w / width, w - 1).astype(int)
-      segmentations = _encode(outputs["gt_masks"][b][real][:, rows][:, :, columns] > 0)
+    if with_masks:
+      h, w = (int(v) for v in outputs["input_size"][b])  # the real region of the model-input frame
+      segmentations = _encode(_nearest_resize(outputs["gt_masks"][b][real][:, :h, :w], (height, width)) > 0)
     for box, label, area, segmentation in zip(outputs["gt_boxes"][b][real], outputs["gt_labels"][b][real],
                                               outputs["gt_area"][b][real], segmentations):
       # COCO annotation ids must be non-zero.
@@ -151,21 +171,27 @@ class DetectionEvaluator:
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
-    scalars = {name: 0.0 for name in COCO_STATS}
+    prefixes = ("", "mask_") if self._with_masks else ("",)
+    scalars = {prefix + name: 0.0 for prefix in prefixes for name in COCO_STATS}
     scalars["num_images"] = len(self._seen)
-    details: Dict = {"per_class_AP": {}}
+    details: Dict = {f"per_class_{prefix}AP": {} for prefix in prefixes}
     if not self._seen or not self._detections:
       return scalars, details
     summary = io.StringIO()
     with contextlib.redirect_stdout(summary):  # pycocotools prints its progress and table
       ground_truth = COCO()
-      ground_truth.dataset = self.coco_ground_truth()
+      # COCOeval writes into the annotations ('ignore'; segm turns polygons into RLE with bytes counts): hand it
+      # copies, so that the dataset's ground truth stays as it was (and JSON-serialisable).
+      dataset = self.coco_ground_truth()
+      ground_truth.dataset = dict(dataset, annotations=[dict(a) for a in dataset["annotations"]])
       ground_truth.createIndex()
       unknown = [i for i in self._seen if i not in ground_truth.imgs]
       if unknown:
         raise ValueError(f"evaluated image ids {unknown[:5]} are not in the dataset's ground truth")
+      if self._with_masks:
+        _check_segmentations(ground_truth, sorted(self._seen))
       runs = [("bbox", self._detections, "")] + ([("segm", self._segmentations, "mask_")]
-                                                  if self._segmentations else [])
+                                                  if self._with_masks else [])
       for iou_type, results, prefix in runs:
         # loadRes mutates its input (adds ids/areas): hand it copies.
         coco_eval = COCOeval(ground_truth, ground_truth.loadRes([dict(d) for d in results]), iou_type)
@@ -175,7 +201,8 @@ class DetectionEvaluator:
         coco_eval.summarize()
         scalars.update({prefix + name: float(value) for name, value in zip(COCO_STATS, coco_eval.stats)})
         details[f"per_class_{prefix}AP"] = self._per_class_ap(coco_eval)
-    details["coco_summary"] = [line for line in summary.getvalue().splitlines() if line.lstrip().startswith("Average")]
+    details["coco_summary"] = [line for line in summary.getvalue().splitlines()
+                               if line.lstrip().startswith("Average")]
     return scalars, details
 
   def _per_class_ap(self, coco_eval) -> Dict[str, float]:
@@ -189,12 +216,13 @@ class DetectionEvaluator:
     return per_class
 
   def write_files(self, directory: str, step: int, score_threshold: float = 0.5) -> List[str]:
-    """Writes the COCO results JSON and PNGs of predicted vs ground-truth boxes; returns the paths."""
+    """Writes the COCO results JSON (bbox; with masks also segm) and PNGs of predicted vs ground-truth boxes
+    (and the predicted masks); returns the paths."""
     os.makedirs(directory, exist_ok=True)
     paths = [os.path.join(directory, f"detections_step_{step}.json")]
     with open(paths[0], "w") as f:
       json.dump(self._detections, f)
-    if self._segmentations:
+    if self._with_masks:
       paths.append(os.path.join(directory, f"segmentations_step_{step}.json"))
       with open(paths[-1], "w") as f:
         json.dump(self._segmentations, f)
@@ -212,15 +240,10 @@ class DetectionEvaluator:
       scale = np.array([image.shape[1] / width, image.shape[0] / height] * 2)
       preds = [d for d in self._detections if d["image_id"] == image_id]
       masks = None
-      if self._segmentations:
-        from pycocotools import mask as mask_utils
-        rles = [d["segmentation"] for d in self._segmentations if d["image_id"] == image_id]
-        # Segmentations and detections are appended in the same order; masks are resized to the kept image.
-        full = np.stack([mask_utils.decode(dict(r, counts=r["counts"].encode("ascii"))) for r in rles]) \
-            if rles else np.zeros((0, height, width), np.uint8)
-        rows = np.minimum((np.arange(image.shape[0]) + 0.5) * height / image.shape[0], height - 1).astype(int)
-        cols = np.minimum((np.arange(image.shape[1]) + 0.5) * width / image.shape[1], width - 1).astype(int)
-        masks = full[:, rows][:, :, cols] > 0
+      if self._with_masks:
+        # Segmentations are appended in the order of the detections; drawn at the kept image's size.
+        masks = _nearest_resize(_decode([d["segmentation"] for d in self._segmentations
+                                         if d["image_id"] == image_id], (height, width)), image.shape[:2]) > 0
       gts = [a for a in ground_truth["annotations"]
              if a["image_id"] == image_id and not a.get("iscrowd", 0) and a["category_id"] in label_of]
       path = os.path.join(directory, f"step_{step}_image_{image_id}.png")
@@ -234,6 +257,33 @@ class DetectionEvaluator:
           class_names=self.class_names, path=path, score_threshold=score_threshold, pred_masks=masks)
       paths.append(path)
     return paths
+
+
+def _check_segmentations(ground_truth, image_ids: Sequence[int]) -> None:
+  """ValueError unless every annotation of the evaluated images has a ``segmentation`` (segm needs them)."""
+  missing = [a["id"] for i in image_ids for a in ground_truth.imgToAnns.get(i, []) if "segmentation" not in a]
+  if missing:
+    raise ValueError(f"outputs carry mask_probs, but ground-truth annotations {missing[:5]} (of {len(missing)}) "
+                     "have no 'segmentation' (polygons or RLE) for the segm evaluation; evaluate against "
+                     "instance masks or drop the mask head")
+
+
+def _nearest_resize(masks: np.ndarray, size: Tuple[int, int]) -> np.ndarray:
+  """``[N, h, w]`` -> ``[N, *size]`` by nearest neighbour at pixel centres (as the pipeline resized the masks,
+  ``cvjax.data.preprocessing.resize_masks``)."""
+  (h, w), (height, width) = masks.shape[1:], size
+  rows = np.minimum((np.arange(height) + 0.5) * (h / height), h - 1).astype(int)
+  columns = np.minimum((np.arange(width) + 0.5) * (w / width), w - 1).astype(int)
+  return masks[:, rows[:, None], columns[None, :]]
+
+
+def _decode(rles: List[dict], size: Tuple[int, int]) -> np.ndarray:
+  """uint8 ``[N, *size]`` masks of ``_encode``'s RLEs."""
+  from pycocotools import mask as mask_utils
+
+  if not rles:
+    return np.zeros((0, *size), np.uint8)
+  return np.moveaxis(mask_utils.decode([dict(r, counts=r["counts"].encode("ascii")) for r in rles]), -1, 0)
 
 
 def _encode(masks: np.ndarray) -> List[dict]:

@@ -20,3 +20,4 @@ from cvjax.ops.roi_align import fpn_level_assignment, multiscale_roi_align  # no
 from cvjax.ops.window_attention import (crop_window_padding, effective_window_and_shift,  # noqa: F401
                                         pad_to_window_multiple, relative_position_index, shifted_window_mask,
                                         window_attention, window_partition, window_reverse)
+from cvjax.ops.masks import paste_masks_in_image  # noqa: F401
