@@ -11,11 +11,18 @@ import sys
 import tempfile
 from pathlib import Path
 
-import jax
-import numpy as np
-import pytest
-from PIL import Image
-from torchvision_cpu import import_torchvision
+# Test speed only, set before jax creates its CPU backend: LLVM's optimisation of the XLA:CPU kernels is most of
+# a small model's compile time (a tiny Mask R-CNN train step compiles in 24 s, 16 s at level 0), and the suite
+# compiles hundreds of programs that each run a few times on tiny inputs. The kernels compute the same
+# operations (agreeing to float rounding); the processes the tests launch get the flag too (``XLA_FLAGS``).
+TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"
+os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {TEST_XLA_FLAGS}".strip()
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from PIL import Image  # noqa: E402
+from torchvision_cpu import import_torchvision  # noqa: E402
 
 # Before any test module imports transformers, which imports torchvision whenever it is installed.
 TORCHVISION = import_torchvision()
@@ -86,7 +93,8 @@ def launch_cli():
   def run(args, devices: int = 1, env=None, timeout: float = 300, wait: bool = True, program=None):
     """``program``: a script run instead of launch.py with the same arguments (a test harness around it)."""
     full_env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1",
-                    XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", **(env or {}))
+                    XLA_FLAGS=f"{TEST_XLA_FLAGS} --xla_force_host_platform_device_count={devices}",
+                    **(env or {}))
     cmd = [sys.executable, str(REPO / (program or "launch.py")), *args]
     if not wait:
       return subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,

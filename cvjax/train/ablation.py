@@ -14,6 +14,10 @@ and, as there, a key the config does not have is an error. After training, proce
   ``workdir/ablation.png``  train loss and the first eval scalar the task reports (top-1 for classification)
                             over steps, one curve per variant.
 
+``config.ablation_metrics`` (e.g. ``("eval/mask_AP", "eval/mask_AP50", "eval/mask_AP75")``) names the eval
+scalars the comparison is about: the table then has those columns only (in that order) and the plot's second
+panel shows their final values as grouped bars, one group per metric, one bar per variant.
+
 A variant whose directory already holds a finished ``summary.json`` is not trained again, so an interrupted
 ablation resumes where it stopped (a half-trained variant resumes from its checkpoint, as any run does).
 """
@@ -88,15 +92,17 @@ def _format(value: Any) -> str:
   return str(value)
 
 
-def ablation_table(rows: Sequence[Tuple[str, Mapping[str, Any], Mapping[str, Any]]]) -> str:
+def ablation_table(rows: Sequence[Tuple[str, Mapping[str, Any], Mapping[str, Any]]],
+                   metrics: Sequence[str] = ()) -> str:
   """Markdown table of ``(variant, overrides, summary)`` rows (summaries as ``train_and_evaluate`` returns).
 
-  Columns: variant, overrides, every ``eval/`` scalar any variant reports (in the task's order), final
-  ``train/loss``, steps and wall time (seconds).
+  Columns: variant, overrides, the ``metrics`` given (default: every ``eval/`` scalar any variant reports, in
+  the task's order), final ``train/loss``, steps and wall time (seconds).
   """
-  metrics: List[str] = []
-  for _, _, summary in rows:
-    metrics += [k for k in summary if k.startswith("eval/") and k not in _NOT_METRICS and k not in metrics]
+  metrics = list(metrics)
+  if not metrics:
+    for _, _, summary in rows:
+      metrics += [k for k in summary if k.startswith("eval/") and k not in _NOT_METRICS and k not in metrics]
   header = ["variant", "overrides", *metrics, "train/loss", "steps", "wall time (s)"]
   lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
   for name, overrides, summary in rows:
@@ -107,24 +113,35 @@ def ablation_table(rows: Sequence[Tuple[str, Mapping[str, Any], Mapping[str, Any
   return "\n".join(lines) + "\n"
 
 
-def plot_ablation(curves: Mapping[str, List[Dict[str, Any]]], path: str) -> None:
-  """Train loss and the first eval scalar over steps per variant (``curves``: variant -> metrics.jsonl
-  records) into a PNG at ``path``."""
+def plot_ablation(curves: Mapping[str, List[Dict[str, Any]]], path: str, metrics: Sequence[str] = ()) -> None:
+  """Train loss over steps per variant (``curves``: variant -> metrics.jsonl records) and, in a second panel,
+  the first eval scalar over steps -- or, with ``metrics``, the final value of each as grouped bars -- into a
+  PNG at ``path``."""
   from matplotlib.figure import Figure  # deferred: only process 0 plots; no pyplot, so no display needed
 
   eval_key = next((k for records in curves.values() for r in records for k in r
                    if k.startswith("eval/") and k not in _NOT_METRICS), None)
   figure = Figure(figsize=(10, 4), constrained_layout=True)
   loss_axes, eval_axes = figure.subplots(1, 2)
-  for name, records in curves.items():
+  width = 0.8 / max(len(curves), 1)
+  for i, (name, records) in enumerate(curves.items()):
     train = [(r["step"], r["train/loss"]) for r in records if "train/loss" in r]
     if train:
       loss_axes.plot(*zip(*train), label=name)
+    if metrics:
+      final = [next((r[k] for r in reversed(records) if k in r), float("nan")) for k in metrics]
+      eval_axes.bar([j + (i - (len(curves) - 1) / 2) * width for j in range(len(metrics))], final, width,
+                    label=name)
+      continue
     evals = [(r["step"], r[eval_key]) for r in records if eval_key in r]
     if evals:
       eval_axes.plot(*zip(*evals), marker="o", label=name)
   loss_axes.set(xlabel="step", ylabel="train/loss", title="training loss")
-  eval_axes.set(xlabel="step", ylabel=eval_key or "eval", title=f"validation {eval_key or '(none)'}")
+  if metrics:
+    eval_axes.set_xticks(range(len(metrics)), [k.removeprefix("eval/") for k in metrics])
+    eval_axes.set(ylabel="final value", title="validation, end of training")
+  else:
+    eval_axes.set(xlabel="step", ylabel=eval_key or "eval", title=f"validation {eval_key or '(none)'}")
   for axes in (loss_axes, eval_axes):
     axes.grid(alpha=0.3)
     axes.legend()
@@ -163,8 +180,9 @@ def run_ablation(config: ml_collections.ConfigDict, workdir: str, mode: str = "t
     output["table"] = os.path.join(workdir, "ablation.md")
     output["plot"] = os.path.join(workdir, "ablation.png")
     title = f"# Ablation {config.name}:{config.preset}\n\n"
+    metrics = [str(k) for k in config.get("ablation_metrics", ()) or ()]
     with open(output["table"], "w") as f:
-      f.write(title + ablation_table([(name, overrides, results[name]) for name, overrides in variants]))
+      f.write(title + ablation_table([(name, overrides, results[name]) for name, overrides in variants], metrics))
     plot_ablation({name: _jsonl(os.path.join(workdir, name, "metrics.jsonl")) for name, _ in variants},
-                  output["plot"])
+                  output["plot"], metrics)
   return output

@@ -34,6 +34,7 @@ def base_config() -> ml_collections.ConfigDict:
   # Ablation variants ((name, {'dotted.key': value, ...}), ...): when non-empty, launch.py trains every variant
   # in workdir/<name>/ and writes a comparison table and plot (cvjax/train/ablation.py).
   c.ablation = ()
+  c.ablation_metrics = ()                # eval scalars the ablation's table and plot compare (default: all)
 
   c.dataset = ml_collections.ConfigDict()
   c.dataset.name = "shapes"

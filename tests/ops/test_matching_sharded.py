@@ -49,7 +49,9 @@ print(json.dumps({"per_device": per_device, "whole": whole, "odd": calls(odd),
 
 
 def test_scipy_matcher_runs_per_data_shard_under_the_mesh():
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4")
+  # The test session's XLA flags (conftest) plus 4 host devices.
+  flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=4"
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=flags)
   out = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, cwd=REPO, env=env,
                        timeout=300)
   assert out.returncode == 0, out.stderr

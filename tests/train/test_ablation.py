@@ -69,6 +69,23 @@ def test_table_has_a_row_per_variant_with_final_metrics():
   assert lines[3] == "| no_shift | (none) | 0.8 |  | 0.4 | 4 | 59.0 |"
 
 
+def test_chosen_metrics_are_the_table_columns_and_plotted_as_final_bars(tmp_path):
+  rows = [("a", {}, {"eval/AP": 0.5, "eval/mask_AP": 0.4, "eval/mask_AP75": 0.3, "train/loss": 1.0, "step": 2,
+                     "wall_time_s": 1.0}),
+          ("b", {}, {"eval/AP": 0.6, "eval/mask_AP": 0.45, "train/loss": 0.9, "step": 2, "wall_time_s": 1.0})]
+  lines = ablation.ablation_table(rows, ["eval/mask_AP75", "eval/mask_AP"]).splitlines()
+  assert lines[0] == "| variant | overrides | eval/mask_AP75 | eval/mask_AP | train/loss | steps | wall time (s) |"
+  assert lines[3] == "| b | (none) |  | 0.45 | 0.9 | 2 | 1.0 |"
+  curves = {"a": [{"step": 1, "train/loss": 2.0}, {"step": 2, "eval/mask_AP": 0.4}],
+            "b": [{"step": 1, "train/loss": 1.5}, {"step": 2, "eval/mask_AP": 0.45}]}
+  figure_path = tmp_path / "plot.png"
+  ablation.plot_ablation(curves, str(figure_path), ["eval/mask_AP", "eval/mask_AP75"])
+  plain_path = tmp_path / "plain.png"
+  ablation.plot_ablation(curves, str(plain_path))
+  # Both are drawn; the bar panel is a different picture from the curve panel.
+  assert figure_path.stat().st_size > 0 and figure_path.read_bytes() != plain_path.read_bytes()
+
+
 def test_run_ablation_trains_each_variant_writes_table_and_plot_and_resumes(tmp_path, monkeypatch):
   calls = []
   monkeypatch.setattr(trainer, "train_and_evaluate", _fake_train(calls))

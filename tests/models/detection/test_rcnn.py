@@ -132,3 +132,24 @@ def test_eval_outputs_follow_the_detection_convention(model_and_variables):
   assert (boxes >= 0).all() and (boxes <= SIZE).all()
   masks = np.asarray(outputs["masks"])
   assert masks.min() >= 0 and masks.max() <= 1 and (masks[~valid] == 0).all()
+
+
+def test_swin_backbone_feeds_every_stage_normalised_to_the_fpn():
+  """``maskrcnn_swin_t_fpn`` (the Swin paper's detector) at toy width: four stages at strides 4..32, each
+  LayerNorm-ed, become P2..P5 (+ the max-pool P6); detections follow the same convention as the ResNet ones."""
+  model = create_model("maskrcnn_swin_t_fpn", swin_embed_dim=8, swin_depths=(1, 1, 1, 1),
+                       swin_num_heads=(1, 1, 1, 1), swin_window_size=2, return_pasted_masks=False,
+                       **{k: v for k, v in TINY.items() if not k.startswith("backbone")})
+  images = jnp.asarray(np.random.default_rng(3).normal(size=(1, SIZE, SIZE, 3)), jnp.float32)
+  fpn_only = lambda module, method: module.name == "fpn" and method == "__call__"
+  outputs, variables = jax.jit(lambda key, x: model.init_with_output(key, x, train=False,
+                                                                     capture_intermediates=fpn_only))(
+      jax.random.PRNGKey(0), images)
+  params = variables["params"]
+  assert [params[f"backbone_norm{i}"]["scale"].shape for i in range(4)] == [(8,), (16,), (32,), (64,)]
+  pyramid = variables["intermediates"]["fpn"]["__call__"][0]
+  assert {level: p.shape[1:3] for level, p in pyramid.items()} == {2: (8, 8), 3: (4, 4), 4: (2, 2), 5: (1, 1),
+                                                                   6: (1, 1)}
+  d = TINY["box_detections_per_img"]
+  assert outputs["boxes"].shape == (1, d, 4) and outputs["mask_probs"].shape == (1, d, 28, 28)
+  assert _finite(outputs) and np.asarray(outputs["proposal_valid"]).any()
