@@ -41,6 +41,6 @@ setup(
     ],
     extras_require={
         # torch is pinned to the CPU build that the project's machines carry as a local wheel.
-        "test": ["pytest>=8.0", "torch==2.13.0", "torchvision==0.28.0", "transformers>=5.9"],
+        "test": ["pytest>=8.0", "pytest-xdist>=3.5", "torch==2.13.0", "torchvision==0.28.0", "transformers>=5.9"],
     },
 )
