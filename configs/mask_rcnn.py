@@ -1,19 +1,20 @@
 """Mask R-CNN (He et al. 2017) with a ResNet-FPN (Lin et al. 2017) or Swin-T (Liu et al. 2021) backbone.
 
 Presets:
-  default         a small Mask R-CNN (ResNet-18 at width 16, FPN 64 channels, a 256-wide box head, a 32-wide
-                  mask head, anchors 8..128 for P2..P6) on the generated `shapes` detection set at 64x64 with
-                  instance masks, trained from scratch (trainable batch norm), AdamW 1e-3, cosine, batch 16,
-                  2,500 steps. Goal: box AP50 >= 0.8 and mask AP50 >= 0.75 on shapes validation within 20
-                  minutes on a 2-core CPU. Measured 2026-12-02 on a 2-core CPU (data already generated; the run
-                  alone, 17.6 min of wall time), validation box AP50 / mask AP50 (box AP, mask AP):
-                    step  500: 0.248 / 0.234  (0.133, 0.124)
-                    step 1000: 0.574 / 0.557  (0.359, 0.316)
-                    step 1500: 0.709 / 0.689  (0.485, 0.414)
-                    step 2000: 0.761 / 0.738  (0.536, 0.456)
-                    step 2500: 0.773 / 0.749  (0.550, 0.467; AP75 0.653 / 0.525)
-                  i.e. just short of the goal. SGD 0.02 (the COCO recipe) reached box AP50 0.58 at step 1,250 of
-                  1,500 steps.
+  default         a small Mask R-CNN (ResNet-18 at width 16, FPN 64 channels, a 256-wide box head, a 16-wide
+                  mask head, anchors 8..128 for P2..P6, every shapes object pooled from P2) on the generated
+                  `shapes` detection set at 64x64 with instance masks, trained from scratch (trainable batch
+                  norm), AdamW 1e-3, cosine, batch 16, 3,000 steps. Goal: box AP50 >= 0.8 and mask AP50 >= 0.75
+                  on shapes validation within 20 minutes on a 2-core CPU. Measured 2026-12-02 on a 2-core CPU
+                  from a fresh clone with an empty data_dir (15.1 min for the whole command, data generation
+                  included; 3.5 steps/s), validation box AP50 / mask AP50 (box AP, mask AP; AP75 box / mask):
+                    step 1000: 0.510 / 0.486  (0.314, 0.263; 0.334 / 0.255)
+                    step 2000: 0.791 / 0.759  (0.559, 0.460; 0.657 / 0.490)
+                    step 3000: 0.822 / 0.793  (0.596, 0.487; 0.700 / 0.532; box AR100 0.717)
+                  The previous recipe (canonical scale 56, so larger objects pooled from P3; 32-wide mask head;
+                  2,500 steps) ended at 0.773 / 0.749 in 17.6 min: per class, recall@0.5 was 0.92-0.96 but AP50
+                  0.60-0.90 (shape confusions). SGD 0.02 (the COCO recipe) reached box AP50 0.58 at step 1,250
+                  of 1,500 steps.
   coco_r50_1x     torchvision / detectron2's 1x recipe for maskrcnn_resnet50_fpn: SGD momentum 0.9, lr 0.02 at
                   batch 16, weight decay 1e-4, 90k iterations with lr / 10 at 60k and 80k, 1k-iteration linear
                   warm-up, shorter side 800 (max 1333), horizontal flip, ImageNet backbone through
