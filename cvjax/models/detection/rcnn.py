@@ -36,6 +36,8 @@ from cvjax.models.registry import MODELS
 from cvjax.ops import anchors as anchor_ops
 from cvjax.ops import proposals as proposal_ops
 from cvjax.ops.boxes import box_iou, decode_boxes, encode_boxes
+from cvjax.ops.masks import paste_masks_in_image
+from cvjax.ops.nms import batched_nms
 from cvjax.ops.roi_align import fpn_level_assignment, multiscale_roi_align, roi_align
 from cvjax.ops.roi_pool import roi_pool
 
@@ -393,7 +395,6 @@ class MaskRCNN(nn.Module):
             & (boxes[..., 3] - boxes[..., 1] >= 1e-2))
     scores = jnp.where(keep, scores, -jnp.inf)
     detections = self.box_detections_per_img
-    from cvjax.ops.nms import batched_nms  # pylint: disable=import-outside-toplevel
     kept, _ = jax.vmap(lambda b, s, c: batched_nms(b, s, c, self.box_nms_thresh, detections,
                                                    score_threshold=self.box_score_thresh))(boxes, scores, labels)
     valid = kept >= 0
@@ -410,7 +411,6 @@ class MaskRCNN(nn.Module):
       probs = probs.reshape(batch, detections, 28, 28) * valid[..., None, None]
       outputs["mask_probs"] = probs
       if self.return_pasted_masks:
-        from cvjax.ops.masks import paste_masks_in_image  # pylint: disable=import-outside-toplevel
         outputs["masks"] = jax.vmap(lambda m, b: paste_masks_in_image(m, b, image_hw))(probs, out_boxes)
     return outputs
 
