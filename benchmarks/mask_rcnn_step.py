@@ -9,12 +9,19 @@ size 512), so both see the same tensors. The train step is forward + losses + ba
 ``configs/mask_rcnn.py:coco_r50_1x``). After warm-up the two take turns, ``--steps`` rounds; medians printed.
 
   python benchmarks/mask_rcnn_step.py --steps=3
+
+``--mask_target_grid=N`` adds a second cvjax train step whose 28x28 mask targets use at most N x N RoIAlign
+samples per bin (``model.mask_target_max_sampling_grid``). torchvision's adaptive grid is ceil(RoI side / 28)
+per axis, so N = 16 is exact for every RoI up to 448 pixels -- every positive RoI here (GT sides 30..200 px,
+proposals with IoU >= 0.5 with them) -- while the default bound (the map size, exact for any RoI) is what a
+COCO run uses. The row shows how much of the step the mask targets' static sampling bound costs.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import tempfile
 import time
 
 import jax
@@ -62,6 +69,8 @@ def main():
   parser.add_argument("--objects", type=int, default=10)
   parser.add_argument("--steps", type=int, default=3)
   parser.add_argument("--threads", type=int, default=os.cpu_count())
+  parser.add_argument("--mask_target_grid", type=int, default=0,
+                      help="also time a train step with this mask-target sampling bound (module docstring)")
   args = parser.parse_args()
   torch.set_num_threads(args.threads)
   rng = np.random.default_rng(0)
@@ -71,12 +80,22 @@ def main():
   reference = torch_model()
   module, variables = from_torch_state_dict("maskrcnn_resnet50_fpn", reference.state_dict(),
                                             num_classes=NUM_CLASSES, return_pasted_masks=False)
-  config = load_config_file("configs/mask_rcnn.py:coco_r50_1x")
-  config.unlock()
-  config.batch_size = args.batch
-  config.model.num_classes = NUM_CLASSES
-  config.init.mapping = ()
-  config.lock()
+
+  def experiment(mask_target_grid=None):
+    config = load_config_file("configs/mask_rcnn.py:coco_r50_1x")
+    config.unlock()
+    config.batch_size = args.batch
+    config.model.num_classes = NUM_CLASSES
+    config.model.mask_target_max_sampling_grid = mask_target_grid
+    config.init.mapping = ()
+    config.lock()
+    exp = Experiment(config, tempfile.mkdtemp(prefix="cvjax_bench_"), data=data)
+    state, _ = exp.initial_state()
+    state = state.replace(params=jax.device_put(variables["params"], exp.state_sharding.params),
+                          batch_stats=jax.device_put(variables["batch_stats"], exp.state_sharding.batch_stats))
+    state = state.replace(opt_state=jax.device_put(exp.tx.init(state.params), exp.state_sharding.opt_state))
+    return exp, [state]
+
   size = np.full((args.batch, 2), args.size, np.int32)
   cxcywh = np.stack([(boxes[..., 0] + boxes[..., 2]) / 2, (boxes[..., 1] + boxes[..., 3]) / 2,
                      boxes[..., 2] - boxes[..., 0], boxes[..., 3] - boxes[..., 1]], -1) / args.size
@@ -86,18 +105,20 @@ def main():
            "orig_size": size, "mask": np.ones((args.batch,), bool)}
   data = DataSpec(num_classes=NUM_CLASSES, class_names=[str(i) for i in range(NUM_CLASSES)],
                   example_batch=jax.tree.map(lambda x: x[:1], batch))
-  import tempfile
-  exp = Experiment(config, tempfile.mkdtemp(prefix="cvjax_bench_"), data=data)
-  state, _ = exp.initial_state()
-  state = state.replace(params=jax.device_put(variables["params"], exp.state_sharding.params),
-                        batch_stats=jax.device_put(variables["batch_stats"], exp.state_sharding.batch_stats))
-  state = state.replace(opt_state=jax.device_put(exp.tx.init(state.params), exp.state_sharding.opt_state))
+  exp, holder = experiment()
   global_batch = exp.global_batch(batch)
-  holder = [state]
 
-  def cvjax_train():
-    holder[0], metrics = exp.train_step(holder[0], global_batch)
-    jax.block_until_ready(metrics)
+  def train_of(exp, holder):
+    def train():
+      holder[0], metrics = exp.train_step(holder[0], global_batch)
+      jax.block_until_ready(metrics)
+    return train
+
+  cvjax_train = train_of(exp, holder)
+  train_steps = {"cvjax": cvjax_train}
+  bounded = f"cvjax, mask-target grid <= {args.mask_target_grid}"
+  if args.mask_target_grid:
+    train_steps[bounded] = train_of(*experiment(args.mask_target_grid))
 
   def cvjax_infer():
     jax.block_until_ready(exp.eval_step(holder[0], global_batch))
@@ -123,13 +144,16 @@ def main():
   start = time.perf_counter()
   cvjax_train(), cvjax_infer()
   print(f"cvjax compile + first calls: {time.perf_counter() - start:.1f} s")
-  train = median_seconds({"cvjax": cvjax_train, "torchvision": torch_train}, args.steps, warmup=1)
+  train = median_seconds(dict(train_steps, torchvision=torch_train), args.steps, warmup=1)
   infer = median_seconds({"cvjax": cvjax_infer, "torchvision": torch_infer}, args.steps, warmup=1)
   print(f"maskrcnn_resnet50_fpn, batch {args.batch} at {args.size}x{args.size}, {args.objects} objects, "
         f"{args.threads} torch threads")
   for name, times in (("train step", train), ("inference", infer)):
     print(f"  {name:10s}  cvjax {times['cvjax'] * 1e3:8.0f} ms  torchvision {times['torchvision'] * 1e3:8.0f} ms  "
           f"throughput ratio cvjax/torchvision {times['torchvision'] / times['cvjax']:.2f}x")
+  if bounded in train:
+    print(f"  train step  {bounded} {train[bounded] * 1e3:8.0f} ms  "
+          f"throughput ratio {train['torchvision'] / train[bounded]:.2f}x")
 
 
 if __name__ == "__main__":
