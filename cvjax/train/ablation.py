@@ -139,6 +139,8 @@ def plot_ablation(curves: Mapping[str, List[Dict[str, Any]]], path: str, metrics
   loss_axes.set(xlabel="step", ylabel="train/loss", title="training loss")
   if metrics:
     eval_axes.set_xticks(range(len(metrics)), [k.removeprefix("eval/") for k in metrics])
+    eval_axes.tick_params(axis="x", labelrotation=30)
+    eval_axes.set_ylim(top=eval_axes.get_ylim()[1] * 1.25)  # head room for the legend above the bars
     eval_axes.set(ylabel="final value", title="validation, end of training")
   else:
     eval_axes.set(xlabel="step", ylabel=eval_key or "eval", title=f"validation {eval_key or '(none)'}")
