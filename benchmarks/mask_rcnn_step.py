@@ -91,8 +91,10 @@ def main():
     config.lock()
     exp = Experiment(config, tempfile.mkdtemp(prefix="cvjax_bench_"), data=data)
     state, _ = exp.initial_state()
-    state = state.replace(params=jax.device_put(variables["params"], exp.state_sharding.params),
-                          batch_stats=jax.device_put(variables["batch_stats"], exp.state_sharding.batch_stats))
+    # Copies: the train step donates its state, and two experiments must not share (donated) buffers.
+    copy = lambda tree: jax.tree.map(np.array, tree)
+    state = state.replace(params=jax.device_put(copy(variables["params"]), exp.state_sharding.params),
+                          batch_stats=jax.device_put(copy(variables["batch_stats"]), exp.state_sharding.batch_stats))
     state = state.replace(opt_state=jax.device_put(exp.tx.init(state.params), exp.state_sharding.opt_state))
     return exp, [state]
 
