@@ -165,6 +165,10 @@ def run_ablation(config: ml_collections.ConfigDict, workdir: str, mode: str = "t
     raise ValueError("config.ablation is empty: nothing to ablate")
   # Every override is checked before anything trains, so a typo in the last variant fails at once.
   configs = {name: variant_config(config, name, overrides) for name, overrides in variants}
+  metrics = [str(k) for k in config.get("ablation_metrics", ()) or ()]
+  if any(not k.startswith("eval/") for k in metrics):
+    raise ValueError(f"config.ablation_metrics must name eval scalars ('eval/...', as in metrics.jsonl), got "
+                     f"{metrics}")
   results = {}
   for name, _ in variants:
     variant_dir = os.path.join(workdir, name)
@@ -182,7 +186,9 @@ def run_ablation(config: ml_collections.ConfigDict, workdir: str, mode: str = "t
     output["table"] = os.path.join(workdir, "ablation.md")
     output["plot"] = os.path.join(workdir, "ablation.png")
     title = f"# Ablation {config.name}:{config.preset}\n\n"
-    metrics = [str(k) for k in config.get("ablation_metrics", ()) or ()]
+    missing = [k for k in metrics if not any(k in summary for summary in results.values())]
+    if missing:  # after training: the runs are kept; the table says so rather than failing
+      title += f"(no variant reported {', '.join(missing)}: empty columns)\n\n"
     with open(output["table"], "w") as f:
       f.write(title + ablation_table([(name, overrides, results[name]) for name, overrides in variants], metrics))
     plot_ablation({name: _jsonl(os.path.join(workdir, name, "metrics.jsonl")) for name, _ in variants},

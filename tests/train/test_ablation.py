@@ -103,3 +103,21 @@ def test_run_ablation_trains_each_variant_writes_table_and_plot_and_resumes(tmp_
   # Finished variants are not trained again.
   again = ablation.run_ablation(_config(), str(tmp_path))
   assert len(calls) == 2 and again["variants"]["no_shift"]["eval/top1"] == 0.7
+
+
+def test_ablation_metrics_must_be_eval_scalars(tmp_path):
+  config = _config()
+  config.ablation_metrics = ("mask_AP",)
+  with pytest.raises(ValueError, match="ablation_metrics must name eval scalars"):
+    ablation.run_ablation(config, str(tmp_path))
+
+
+def test_chosen_metrics_no_variant_reports_are_named_in_the_table(tmp_path, monkeypatch):
+  monkeypatch.setattr(trainer, "train_and_evaluate", _fake_train([]))
+  config = _config()
+  config.ablation_metrics = ("eval/top1", "eval/mask_AP")
+  ablation.run_ablation(config, str(tmp_path))
+  table = (tmp_path / "ablation.md").read_text()
+  assert "no variant reported eval/mask_AP" in table
+  assert "| variant | overrides | eval/top1 | eval/mask_AP | train/loss |" in table
+  assert "| shifted | `model.shifted_windows=True` | 0.9 |  |" in table
