@@ -21,7 +21,7 @@ Dtype = Any
 IntPair = Union[int, Tuple[int, int]]
 Padding = Union[str, int, Sequence[Tuple[int, int]]]
 
-IMPLS = ("auto", "xla", "patches")
+IMPLS = ("auto", "xla", "patches", "xla_gemm_grad")
 
 # XLA:CPU is slow (down to ~2 GFLOP/s) on 3x3 convolutions whose output map is tiny and on the gradients of
 # strided and 1x1 convolutions; the same work as one matmul over patches runs at GEMM speed. Measured on the
@@ -92,6 +92,60 @@ def conv_uses_patches(out_hw: Tuple[int, int], kernel_hw: Tuple[int, int]) -> bo
                                              or out_hw[0] * out_hw[1] <= PATCHES_MAX_OUTPUT_PIXELS)
 
 
+# Where XLA:CPU's own kernel gradient loses to KH*KW GEMMs (measured on a 16-core x86 host, fwd + dx + dk):
+# Mask R-CNN's mask head 3x3 256->256 over 256 RoIs of 14x14 6.7 s -> 2.6 s, the ResNet stem at 512^2
+# 855 -> 464 ms; below about 2^27 multiply-adds or with fewer than 32 output channels GEMMs of a tiny
+# [Cin, Cout] output are no faster (3x3 16->16 over 32 maps of 64x64: 97 -> 120 ms).
+GEMM_KERNEL_GRAD_MIN_MACS = 2 ** 27
+GEMM_KERNEL_GRAD_MIN_COUT = 32
+
+
+def conv_uses_gemm_kernel_grad(out_pixels: int, kernel_shape: Tuple[int, int, int, int]) -> bool:
+  """The static rule of ``conv2d(impl='auto')`` for convolutions it leaves to XLA: on CPU, take the kernel
+  gradient as GEMMs (``_conv_gemm_kernel_grad``) when it has at least ``GEMM_KERNEL_GRAD_MIN_MACS``
+  multiply-adds (``out_pixels = B * Ho * Wo`` times the kernel size) and ``GEMM_KERNEL_GRAD_MIN_COUT`` outputs."""
+  kh, kw, cin, cout = kernel_shape
+  return (jax.default_backend() == "cpu" and cout >= GEMM_KERNEL_GRAD_MIN_COUT
+          and out_pixels * kh * kw * cin * cout >= GEMM_KERNEL_GRAD_MIN_MACS)
+
+
+def _lax_conv(x, kernel, strides, pads, dilation):
+  return lax.conv_general_dilated(x, kernel, strides, pads, rhs_dilation=dilation,
+                                  dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _conv_gemm_kernel_grad(x, kernel, strides, pads, dilation):
+  """``lax.conv_general_dilated`` whose kernel gradient is ``KH * KW`` GEMMs instead of XLA's.
+
+  XLA:CPU computes a convolution's kernel gradient as another convolution (the output gradient as its
+  kernel) at a fraction of its forward speed: 3x3 256->256 over 256 maps of 14x14 (a Mask R-CNN mask head
+  layer) takes 2.0 s there against 0.38 s forward. ``dK[i, j] = view(i, j)^T dY``, where ``view(i, j)`` is the
+  input window element ``(i, j)`` of every output pixel (``_window_views``), is the same sum as
+  ``[Cin, B*Ho*Wo] @ [B*Ho*Wo, Cout]`` matmuls at GEMM speed; the forward and the input gradient stay XLA's.
+  """
+  return _lax_conv(x, kernel, strides, pads, dilation)
+
+
+def _conv_gemm_kernel_grad_fwd(x, kernel, strides, pads, dilation):
+  return _lax_conv(x, kernel, strides, pads, dilation), (x, kernel)
+
+
+def _conv_gemm_kernel_grad_bwd(strides, pads, dilation, residuals, grad):
+  x, kernel = residuals
+  _, input_vjp = jax.vjp(lambda v: _lax_conv(v, kernel, strides, pads, dilation), x)
+  (dx,) = input_vjp(grad)
+  kh, kw, cin, cout = kernel.shape
+  views = _window_views(jnp.pad(x, ((0, 0), *pads, (0, 0))), (kh, kw), strides, dilation, grad.shape[1:3])
+  flat_grad = grad.reshape(-1, cout)
+  contract = (((0,), (0,)), ((), ()))
+  dk = jnp.stack([lax.dot_general(v.reshape(-1, cin), flat_grad, contract) for v in views])
+  return dx, dk.reshape(kernel.shape).astype(kernel.dtype)
+
+
+_conv_gemm_kernel_grad.defvjp(_conv_gemm_kernel_grad_fwd, _conv_gemm_kernel_grad_bwd)
+
+
 def conv2d(x: jnp.ndarray, kernel: jnp.ndarray, *, strides: IntPair = 1, padding: Padding = 0,
            dilation: IntPair = 1, impl: str = "auto") -> jnp.ndarray:
   """2-D cross-correlation, the same function as ``lax.conv_general_dilated`` in NHWC / HWIO.
@@ -105,7 +159,9 @@ def conv2d(x: jnp.ndarray, kernel: jnp.ndarray, *, strides: IntPair = 1, padding
     impl: ``'xla'`` calls ``lax.conv_general_dilated``; ``'patches'`` (im2col) concatenates the ``KH*KW``
       shifted, strided views of the zero-padded input on the channel axis and does one matmul with the
       kernel reshaped to ``[KH*KW*Cin, Cout]`` (its gradients are matmuls, pads and adds as well);
-      ``'auto'`` picks ``'patches'`` where ``conv_uses_patches`` says it is faster.
+      ``'xla_gemm_grad'`` is ``'xla'`` with the kernel gradient as ``KH*KW`` matmuls (``_conv_gemm_kernel_grad``);
+      ``'auto'`` picks ``'patches'`` where ``conv_uses_patches`` says it is faster, otherwise
+      ``'xla_gemm_grad'`` where ``conv_uses_gemm_kernel_grad`` does, otherwise ``'xla'``.
 
   Returns:
     ``[B, Ho, Wo, Cout]`` in ``x``'s dtype.
@@ -123,9 +179,12 @@ def conv2d(x: jnp.ndarray, kernel: jnp.ndarray, *, strides: IntPair = 1, padding
   if min(out_hw) < 1:
     raise ValueError(f"conv2d: input {x.shape[1:3]} with padding {pads} is smaller than the "
                      f"(dilated) kernel window {window}")
-  if impl == "xla" or (impl == "auto" and not conv_uses_patches(out_hw, (kh, kw))):
-    return lax.conv_general_dilated(x, kernel, strides, pads, rhs_dilation=dilation,
-                                    dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  if impl == "auto" and not conv_uses_patches(out_hw, (kh, kw)):
+    impl = "xla_gemm_grad" if conv_uses_gemm_kernel_grad(x.shape[0] * out_hw[0] * out_hw[1], kernel.shape) else "xla"
+  if impl == "xla_gemm_grad":
+    return _conv_gemm_kernel_grad(x, kernel, strides, pads, dilation)
+  if impl == "xla":
+    return _lax_conv(x, kernel, strides, pads, dilation)
   views = _window_views(jnp.pad(x, ((0, 0), *pads, (0, 0))), (kh, kw), strides, dilation, out_hw)
   # Channel order (i, j, c) of the patches is the row-major order of kernel.reshape(-1, cout).
   patches = jnp.concatenate(views, axis=-1) if len(views) > 1 else views[0]
@@ -136,8 +195,7 @@ class Conv(nn.Module):
   """Drop-in for ``nn.Conv`` (2-D, ungrouped) that runs tiny-map convolutions fast on CPU.
 
   Same variables as ``nn.Conv``: ``kernel [KH, KW, Cin, Cout]`` and ``bias [Cout]``, so checkpoints and
-  converters do not care which is used. ``impl`` (``'auto'``, ``'xla'``, ``'patches'``) is forwarded to
-  ``conv2d``.
+  converters do not care which is used. ``impl`` (one of ``IMPLS``) is forwarded to ``conv2d``.
   """
   features: int
   kernel_size: IntPair
@@ -206,14 +264,15 @@ def max_pool(x: jnp.ndarray, window: int, stride: int, padding: int = 0, impl: s
   Padded cells never win; a NaN in a window gives NaN. The gradient goes to the first maximum of each window
   in row-major order, as in PyTorch and in XLA's ``select_and_scatter``.
 
-  ``impl``: ``'xla'`` is ``nn.max_pool`` (``reduce_window``); ``'patches'`` takes the elementwise max over
+  ``impl``: ``'xla'`` (and ``'xla_gemm_grad'``, which concerns convolutions) is ``nn.max_pool``
+  (``reduce_window``); ``'patches'`` takes the elementwise max over
   the ``window**2`` strided views and routes the gradient with a first-hit mask; ``'auto'`` uses
   ``'patches'`` on CPU, where XLA's ``select_and_scatter`` gradient is 3-14x slower than that (ResNet stem,
   VGG and AlexNet pools, measured forward + gradient).
   """
   _check_impl(impl)
   pads = ((padding, padding), (padding, padding))
-  if impl == "xla" or (impl == "auto" and jax.default_backend() != "cpu"):
+  if impl in ("xla", "xla_gemm_grad") or (impl == "auto" and jax.default_backend() != "cpu"):
     return nn.max_pool(x, (window, window), (stride, stride), pads)
   out_hw = tuple((x.shape[1 + i] + 2 * padding - window) // stride + 1 for i in range(2))
   if min(out_hw) < 1:

@@ -70,10 +70,16 @@ def test_conv2d_patches_equals_lax_conv_including_gradients(case):
   args = dict(strides=strides, padding=padding, dilation=dilation)
   functions = {"lax": functools.partial(_lax_conv, **args),
                "patches": functools.partial(layers.conv2d, impl="patches", **args),
-               "xla": functools.partial(layers.conv2d, impl="xla", **args)}
+               "xla": functools.partial(layers.conv2d, impl="xla", **args),
+               "xla_gemm_grad": functools.partial(layers.conv2d, impl="xla_gemm_grad", **args)}
   # Forced 'patches' is im2col + matmul on every backend, forward and backward: no convolution primitive.
-  patches_jaxpr = str(jax.make_jaxpr(lambda a, b: jax.vjp(functions["patches"], a, b)[1](cotangent))(x, kernel))
+  def vjp_jaxpr(impl):
+    return str(jax.make_jaxpr(lambda a, b: jax.vjp(functions[impl], a, b)[1](cotangent))(x, kernel))
+  patches_jaxpr = vjp_jaxpr("patches")
   assert "conv_general_dilated" not in patches_jaxpr and "dot_general" in patches_jaxpr
+  # 'xla_gemm_grad': XLA's convolution forward and for d input, matmuls for d kernel (one per window element).
+  gemm_jaxpr = vjp_jaxpr("xla_gemm_grad")
+  assert gemm_jaxpr.count("dot_general") == np.prod(_pair(kernel_size)), gemm_jaxpr
 
   @jax.jit  # one compilation for all three
   def run(inputs, weights):
@@ -102,7 +108,7 @@ def test_conv_module_equals_nn_conv_including_gradients(case):
   kwargs = dict(strides=strides, padding=padding, kernel_dilation=dilation)
   # nn.Conv reads an int kernel_size as a 1-D convolution; ours as a square one.
   modules = {"nn.Conv": nn.Conv(6, _pair(kernel_size), **kwargs)}
-  for impl in ("patches", "xla"):
+  for impl in ("patches", "xla", "xla_gemm_grad"):
     modules[impl] = layers.Conv(6, kernel_size, impl=impl, **kwargs)
   params = _random_like(jax.eval_shape(modules["nn.Conv"].init, jax.random.PRNGKey(1), x))
   cotangent = _random_like(jax.eval_shape(modules["nn.Conv"].apply, params, x))
@@ -153,6 +159,14 @@ def test_auto_takes_patches_only_on_cpu_for_tiny_maps_and_1x1_kernels(backend, m
                            or out_hw[0] * out_hw[1] <= layers.PATCHES_MAX_OUTPUT_PIXELS)
     assert layers.conv_uses_patches(out_hw, _pair(kernel_size)) == expected, case
     assert ("conv_general_dilated" not in jaxpr) == expected, case
+  # Convolutions left to XLA take the GEMM kernel gradient on CPU only, and only when large enough.
+  assert layers.conv_uses_gemm_kernel_grad(256 * 14 * 14, (3, 3, 256, 256)) == on_cpu  # mask head
+  assert layers.conv_uses_gemm_kernel_grad(2 * 256 * 256, (7, 7, 3, 64)) == on_cpu  # stem at 512^2
+  assert not layers.conv_uses_gemm_kernel_grad(32 * 64 * 64, (3, 3, 16, 16))  # 16 outputs
+  assert not layers.conv_uses_gemm_kernel_grad(8 * 32 * 32, (3, 3, 32, 32))  # 2^26 multiply-adds
+  x, kernel = jnp.zeros((256, 14, 14, 256)), jnp.zeros((3, 3, 256, 256))
+  grad_jaxpr = str(jax.make_jaxpr(jax.grad(lambda k: layers.conv2d(x, k, padding=1).sum()))(kernel))
+  assert (grad_jaxpr.count("dot_general") == 9) == on_cpu
   module = layers.Conv(3, 3, padding=1)  # impl='auto' is the default
   x = jnp.zeros((1, 2, 2, 2))
   jaxpr = str(jax.make_jaxpr(module.apply)(jax.eval_shape(module.init, jax.random.PRNGKey(0), x), x))
