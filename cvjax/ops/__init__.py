@@ -1,5 +1,5 @@
 """Pure jnp custom ops (no Flax, no state): boxes, matching, NMS, RoIAlign/RoIPool, anchors, RPN proposals and
-sampling, window attention, losses.
+sampling, window attention, losses, and bucketed work on a data-dependent number of rows.
 
 ``cvjax.ops.nms``, ``cvjax.ops.roi_align`` and ``cvjax.ops.roi_pool`` are the ops (call them) and also the
 modules that define them (``cvjax.ops.nms.batched_nms``). Importing ``cvjax.ops`` needs no scipy: the scipy
@@ -8,6 +8,7 @@ matcher backend imports it when it first runs.
 
 from cvjax.ops import nms, roi_align, roi_pool  # noqa: F401  (callable modules)
 from cvjax.ops.anchors import base_anchors, grid_anchors, multilevel_anchors  # noqa: F401
+from cvjax.ops.buckets import bucket_sizes, map_valid_rows  # noqa: F401
 from cvjax.ops.boxes import (box_area, box_convert, box_iou, decode_boxes, elementwise_box_iou,  # noqa: F401
                              elementwise_generalized_box_iou, encode_boxes, generalized_box_iou)
 from cvjax.ops.losses import (dice_loss, giou_loss, sigmoid_focal_loss, smooth_l1_loss,  # noqa: F401

@@ -26,14 +26,13 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from cvjax.models import layers
-from cvjax.models.backbones.resnet import ResNet
-from cvjax.models.backbones.swin import Swin
+from cvjax.models.detection.backbone import BackboneFeatures
 from cvjax.models.detection.fpn import FPN
 from cvjax.models.registry import MODELS
 from cvjax.ops import anchors as anchor_ops
+from cvjax.ops.buckets import map_valid_rows
 from cvjax.ops import proposals as proposal_ops
 from cvjax.ops.boxes import box_iou, decode_boxes, encode_boxes
 from cvjax.ops.masks import paste_masks_in_image
@@ -127,13 +126,13 @@ def clip_boxes(boxes: jnp.ndarray, size: jnp.ndarray) -> jnp.ndarray:
   return jnp.clip(boxes, 0.0, limit)
 
 
-class MaskRCNN(nn.Module):
+class MaskRCNN(BackboneFeatures):
   """Faster / Mask R-CNN with FPN (torchvision ``fasterrcnn_resnet50_fpn`` / ``maskrcnn_resnet50_fpn``).
 
   Attributes (torchvision's argument names where it has them):
     num_classes: object classes (no background; the heads have ``num_classes + 1`` outputs).
     with_masks: Mask R-CNN (True) or Faster R-CNN (False).
-    backbone: ``'resnet'`` or ``'swin'``; ``backbone_*`` configure it (see ``ResNet`` / ``Swin``).
+    backbone, backbone_*, swin_*, dtype: the backbone (``BackboneFeatures``).
     fpn_channels: FPN width (256).
     anchor_sizes, aspect_ratios: one size tuple per pyramid level (P2..P6) and the ratios.
     rpn_*: RPN matcher, sampler and proposal settings; ``*_train`` / ``*_test`` the per-image top-k.
@@ -146,23 +145,14 @@ class MaskRCNN(nn.Module):
     mask_target_sampling_ratio: RoIAlign grid for the 28x28 mask targets (-1 adaptive, torchvision).
     mask_target_max_sampling_grid: static clamp of that adaptive grid (``roi_align``'s ``max_sampling_grid``);
       exact for RoIs up to ``28 * clamp`` pixels, and far cheaper than the default bound of the map size.
+    mask_roi_buckets: the mask branch (head and, in training, targets) runs on the positive RoIs / valid
+      detections only, at the smallest of this many static sizes (the slot count and its halvings,
+      ``cvjax.ops.buckets``) that holds them; torchvision runs it on exactly those RoIs. ``1`` runs it on every
+      slot (one compiled size). Outputs are the same either way.
     return_pasted_masks: in eval, also paste the masks into ``[B, D, H, W]`` (input size).
   """
   num_classes: int = 91
   with_masks: bool = True
-  backbone: str = "resnet"
-  backbone_stage_sizes: Sequence[int] = (3, 4, 6, 3)
-  backbone_block_type: str = "bottleneck"
-  backbone_width: int = 64
-  backbone_stem: str = "imagenet"
-  backbone_frozen_bn: bool = True
-  backbone_frozen_stages: int = 0
-  backbone_layer_impl: str = "auto"
-  swin_embed_dim: int = 96
-  swin_depths: Sequence[int] = (2, 2, 6, 2)
-  swin_num_heads: Sequence[int] = (3, 6, 12, 24)
-  swin_window_size: int = 7
-  swin_drop_path_rate: float = 0.2
   fpn_channels: int = 256
   anchor_sizes: Sequence[Sequence[float]] = ((32,), (64,), (128,), (256,), (512,))
   aspect_ratios: Sequence[float] = (0.5, 1.0, 2.0)
@@ -193,31 +183,8 @@ class MaskRCNN(nn.Module):
   canonical_scale: float = 224.0
   mask_target_sampling_ratio: int = -1
   mask_target_max_sampling_grid: Optional[int] = None
+  mask_roi_buckets: int = 4
   return_pasted_masks: bool = True
-  dtype: Any = jnp.float32
-
-  # ---------------------------------------------------------------- features
-  def _features(self, images: jnp.ndarray, train: bool) -> Dict[int, jnp.ndarray]:
-    """Backbone maps keyed by their pyramid level ``log2(stride)``."""
-    if self.backbone == "resnet":
-      maps = ResNet(stage_sizes=tuple(self.backbone_stage_sizes), block_type=self.backbone_block_type,
-                    num_classes=0, width=self.backbone_width, stem=self.backbone_stem,
-                    frozen_bn=self.backbone_frozen_bn, frozen_stages=self.backbone_frozen_stages,
-                    dtype=self.dtype, layer_impl=self.backbone_layer_impl, name="backbone")(
-                        images, train=train, return_features=True)
-      maps = [maps[f"c{i}"] for i in range(2, 6)]
-    elif self.backbone == "swin":
-      stages = Swin(embed_dim=self.swin_embed_dim, depths=tuple(self.swin_depths),
-                    num_heads=tuple(self.swin_num_heads), window_size=self.swin_window_size, num_classes=0,
-                    drop_path_rate=self.swin_drop_path_rate, dtype=self.dtype, name="backbone")(
-                        images, train=train, return_features=True)
-      # The Swin paper's detector normalises every stage output it hands to the FPN.
-      maps = [nn.LayerNorm(epsilon=1e-5, name=f"backbone_norm{i}")(stages[f"stage{i + 1}"])
-              for i in range(len(self.swin_depths))]
-    else:
-      raise ValueError(f"backbone must be 'resnet' or 'swin', got {self.backbone!r}")
-    height = images.shape[1]
-    return {int(round(np.log2(height / m.shape[1]))): m.astype(jnp.float32) for m in maps}
 
   # ---------------------------------------------------------------- RoI features
   def _roi_features(self, pyramid: Dict[int, jnp.ndarray], rois: jnp.ndarray, size: int) -> jnp.ndarray:
@@ -240,10 +207,24 @@ class MaskRCNN(nn.Module):
     """``[K, 5]`` rois -> class logits ``[K, K1]`` and per-class deltas ``[K, K1, 4]`` (K1 = classes + 1)."""
     return heads["box"](self._roi_features(pyramid, rois, 7))
 
-  def _mask_logits(self, heads, pyramid, rois: jnp.ndarray, labels: jnp.ndarray) -> jnp.ndarray:
+  def _mask_logits(self, head, pyramid, rois: jnp.ndarray, labels: jnp.ndarray) -> jnp.ndarray:
     """``[K, 5]`` rois and ``[K]`` 0-based labels -> ``[K, 28, 28]`` logits of each RoI's class."""
-    logits = heads["mask"](self._roi_features(pyramid, rois, 14))
+    logits = head(self._roi_features(pyramid, rois, 14))
     return jnp.take_along_axis(logits, (labels + 1)[:, None, None, None], axis=-1)[..., 0]
+
+  def _mask_rows(self, heads, fn, args, valid):
+    """``fn(mask_head, *rows)`` on the ``valid`` rows of ``args`` only (``map_valid_rows``), zeros elsewhere.
+
+    The bucketed sizes run under ``lax.switch``, where a bound Flax module cannot be called: there the head is
+    its parameters applied to an unbound copy. At initialisation (the call that creates them) it runs once on
+    every row.
+    """
+    if self.is_initializing():
+      return map_valid_rows(functools.partial(fn, heads["mask"]), args, valid, 1)
+    params = self.variables["params"]["mask_head"]
+    unbound = heads["mask"].clone(parent=None)
+    head = lambda x: unbound.apply({"params": params}, x)
+    return map_valid_rows(functools.partial(fn, head), args, valid, self.mask_roi_buckets)
 
   # ---------------------------------------------------------------- main
   @nn.compact
@@ -330,12 +311,19 @@ class MaskRCNN(nn.Module):
       # Positives come first among the samples (``sampled_indices``): the first int(S * fraction) slots hold
       # all of them, so the mask head runs on a static number of RoIs.
       num_mask = int(self.box_batch_size_per_image * self.box_positive_fraction)
-      mask_rois = flat_rois.reshape(batch, samples, 5)[:, :num_mask]
-      mask_labels = jnp.maximum(roi_labels[:, :num_mask] - 1, 0)
-      outputs["mask_logits"] = self._mask_logits(heads, pyramid, mask_rois.reshape(-1, 5), mask_labels.reshape(-1)
-                                                 ).reshape(batch, num_mask, 28, 28)
-      outputs["mask_valid"] = roi_positive[:, :num_mask]
-      outputs["mask_targets"] = self._mask_targets(gt_masks, mask_rois, roi_match[:, :num_mask])
+      mask_rois = flat_rois.reshape(batch, samples, 5)[:, :num_mask].reshape(-1, 5)
+      mask_labels = jnp.maximum(roi_labels[:, :num_mask] - 1, 0).reshape(-1)
+      mask_valid = roi_positive[:, :num_mask]
+
+      def mask_branch(head, rois, labels, match):
+        return self._mask_logits(head, pyramid, rois, labels), self._mask_targets(gt_masks, rois, match)
+
+      logits, targets = self._mask_rows(heads, mask_branch, [mask_rois, mask_labels,
+                                                             roi_match[:, :num_mask].reshape(-1)],
+                                        mask_valid.reshape(-1))
+      outputs["mask_logits"] = logits.reshape(batch, num_mask, 28, 28)
+      outputs["mask_valid"] = mask_valid
+      outputs["mask_targets"] = targets.reshape(batch, num_mask, 28, 28)
     return outputs
 
   def _rpn_targets(self, anchors, gt_boxes, gt_valid, rng):
@@ -370,14 +358,18 @@ class MaskRCNN(nn.Module):
     return rois, class_labels, targets, matched, is_positive & sampled
 
   def _mask_targets(self, gt_masks, rois, match):
-    """torchvision ``project_masks_on_boxes``: RoIAlign of each RoI's matched GT mask, 28x28."""
+    """torchvision ``project_masks_on_boxes``: RoIAlign of each RoI's matched GT mask, 28x28.
+
+    ``gt_masks [B, M, H, W]``; ``rois [K, 5]`` (batch index, xyxy); ``match [K]`` the GT index in its image.
+    Returns ``[K, 28, 28]``.
+    """
     batch, num_gt, height, width = gt_masks.shape
     flat = gt_masks.reshape(batch * num_gt, height, width, 1).astype(jnp.float32)
-    index = (jnp.arange(batch)[:, None] * num_gt + match).astype(jnp.float32)
-    rois = jnp.concatenate([index[..., None], rois[..., 1:]], -1).reshape(-1, 5)
-    targets = roi_align(flat, rois, 28, 1.0, self.mask_target_sampling_ratio, False,
+    index = jnp.trunc(rois[:, 0]) * num_gt + match
+    targets = roi_align(flat, jnp.concatenate([index[:, None], rois[:, 1:]], -1), 28, 1.0,
+                        self.mask_target_sampling_ratio, False,
                         max_sampling_grid=self.mask_target_max_sampling_grid)
-    return targets[..., 0].reshape(batch, -1, 28, 28)
+    return targets[..., 0]
 
   def _detect(self, heads, pyramid, proposals, proposal_valid, sizes, image_hw) -> Dict[str, jnp.ndarray]:
     """torchvision ``RoIHeads.postprocess_detections`` (+ the mask branch) with static shapes."""
@@ -407,8 +399,10 @@ class MaskRCNN(nn.Module):
     if self.with_masks:
       index = jnp.broadcast_to(jnp.arange(batch, dtype=jnp.float32)[:, None, None], (batch, detections, 1))
       rois = jnp.concatenate([index, out_boxes], -1).reshape(-1, 5)
-      probs = jax.nn.sigmoid(self._mask_logits(heads, pyramid, rois, outputs["labels"].reshape(-1)))
-      probs = probs.reshape(batch, detections, 28, 28) * valid[..., None, None]
+      probs = self._mask_rows(
+          heads, lambda head, r, l: jax.nn.sigmoid(self._mask_logits(head, pyramid, r, l)),
+          [rois, outputs["labels"].reshape(-1)], valid.reshape(-1))
+      probs = probs.reshape(batch, detections, 28, 28)
       outputs["mask_probs"] = probs
       if self.return_pasted_masks:
         outputs["masks"] = jax.vmap(lambda m, b: paste_masks_in_image(m, b, image_hw))(probs, out_boxes)

@@ -153,3 +153,32 @@ def test_swin_backbone_feeds_every_stage_normalised_to_the_fpn():
   d = TINY["box_detections_per_img"]
   assert outputs["boxes"].shape == (1, d, 4) and outputs["mask_probs"].shape == (1, d, 28, 28)
   assert _finite(outputs) and np.asarray(outputs["proposal_valid"]).any()
+
+
+def test_mask_branch_on_the_positives_only_equals_running_it_on_every_slot(model_and_variables, train_fn):
+  """``mask_roi_buckets`` (default 4: the head and targets run on the positive RoIs, bucketed) gives the
+  outputs, loss and gradients of the one-size branch that runs on all ``B * 128``-style slots."""
+  model, variables = model_and_variables
+  every_slot = model.clone(mask_roi_buckets=1, return_pasted_masks=False)
+  targets = _targets([[(2, 3, 14, 20)], [(5, 5, 25, 25), (16, 16, 30, 28)]])
+
+  @jax.jit
+  def reference(params, images, rng):
+    def loss(p):
+      outputs, _ = every_slot.apply({"params": p, "batch_stats": variables["batch_stats"]}, images, train=True,
+                                    rngs={"sample": rng}, mutable=["batch_stats"], **targets)
+      return mask_loss(outputs, jnp.ones(images.shape[:1], bool)), outputs
+    return jax.value_and_grad(loss, has_aux=True)(params)
+
+  _, terms, outputs, grads = train_fn(_images(), targets)
+  (loss, expected), expected_grads = reference(variables["params"], _images(), jax.random.PRNGKey(0))
+  valid = np.asarray(outputs["mask_valid"])
+  assert 0 < valid.sum() < valid.size  # some slots are padding: the bucketed branch ran on fewer rows
+  np.testing.assert_array_equal(valid, expected["mask_valid"])
+  for name in ("mask_logits", "mask_targets"):
+    np.testing.assert_allclose(np.asarray(outputs[name])[valid], np.asarray(expected[name])[valid],
+                               rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(terms["loss_mask"], loss, rtol=1e-5)
+  for ours, theirs in zip(jax.tree.leaves(grads["mask_head"]), jax.tree.leaves(expected_grads["mask_head"])):
+    np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-6)
+  assert np.abs(np.asarray(grads["mask_head"]["mask_fcn_logits"]["kernel"])).max() > 0
