@@ -64,6 +64,36 @@ class DetectionTask(Task):
                               ground_truth=self.ground_truth)
 
 
+class AnchorDetectionTask(DetectionTask):
+  """Base of the detectors that take padded ground truth in input pixels and return detections there (the
+  region-based and one-stage families): ``model_inputs`` adds ``gt_boxes`` (absolute xyxy of each image's real
+  region), ``gt_labels``, ``gt_valid`` and, when the batch has them, ``gt_masks``; ``detections`` scales the
+  model's ``boxes`` to original-image pixels."""
+
+  def model_inputs(self, batch):
+    """Images, the pixel mask and (when the batch has them) the targets as the model takes them: boxes in
+    absolute xyxy input pixels of each image's real region."""
+    kwargs = {"pixel_mask": batch["pixel_mask"]}
+    if "boxes" not in batch:  # e.g. an image-only batch for init or inference
+      return (batch["image"],), kwargs
+    sizes = jnp.stack([batch["pixel_mask"].any(2).sum(1), batch["pixel_mask"].any(1).sum(1)], -1)
+    kwargs.update(gt_boxes=to_absolute_xyxy(batch["boxes"], sizes), gt_labels=batch["labels"],
+                  gt_valid=batch["valid"])
+    if "masks" in batch:
+      kwargs["gt_masks"] = batch["masks"]
+    return (batch["image"],), kwargs
+
+  def detections(self, outputs, batch) -> Dict[str, jax.Array]:
+    """The model's detections with boxes scaled from input pixels to original-image pixels."""
+    real = jnp.stack([batch["pixel_mask"].any(2).sum(1), batch["pixel_mask"].any(1).sum(1)], -1)
+    scale = batch["orig_size"].astype(jnp.float32) / jnp.maximum(real.astype(jnp.float32), 1.0)
+    boxes = outputs["boxes"] * jnp.stack([scale[:, 1], scale[:, 0]] * 2, -1)[:, None, :]
+    result = {"boxes": boxes, "scores": outputs["scores"], "labels": outputs["labels"], "valid": outputs["valid"]}
+    if "mask_probs" in outputs:
+      result["mask_probs"] = outputs["mask_probs"]
+    return result
+
+
 def __getattr__(name: str):
   # DETR's criterion lived here before the tasks were split one per objective: keep its names importable.
   if name in ("CriterionWeights", "detr_loss", "hungarian_match", "postprocess"):

@@ -27,7 +27,7 @@ import optax
 
 from cvjax.ops.losses import smooth_l1_loss
 from cvjax.tasks.base import TASKS, Metrics
-from cvjax.tasks.detection import DetectionTask, to_absolute_xyxy
+from cvjax.tasks.detection import AnchorDetectionTask
 
 BOX_BETA = 1.0 / 9.0
 
@@ -75,25 +75,12 @@ def mask_loss(outputs: Dict[str, jax.Array], example_mask: jax.Array) -> jax.Arr
 
 
 @TASKS.register("rcnn")
-class RCNNTask(DetectionTask):
+class RCNNTask(AnchorDetectionTask):
   """Faster / Mask R-CNN. Config keys ``task.num_visualizations``.
 
   Batches as ``cvjax.tasks.detection`` describes, plus ``masks [B, M, H, W]`` (uint8, image frame) for Mask
   R-CNN (``config.dataset.masks=True``).
   """
-
-  def model_inputs(self, batch):
-    """Images, the pixel mask and (when the batch has them) the targets as the model takes them: boxes in
-    absolute xyxy input pixels of each image's real region."""
-    kwargs = {"pixel_mask": batch["pixel_mask"]}
-    if "boxes" not in batch:  # e.g. an image-only batch for init or inference
-      return (batch["image"],), kwargs
-    sizes = jnp.stack([batch["pixel_mask"].any(2).sum(1), batch["pixel_mask"].any(1).sum(1)], -1)
-    kwargs.update(gt_boxes=to_absolute_xyxy(batch["boxes"], sizes), gt_labels=batch["labels"],
-                  gt_valid=batch["valid"])
-    if "masks" in batch:
-      kwargs["gt_masks"] = batch["masks"]
-    return (batch["image"],), kwargs
 
   def loss(self, outputs, batch) -> Tuple[jax.Array, Metrics]:
     example_mask = jnp.asarray(batch.get("mask", jnp.ones(batch["image"].shape[:1], bool)), bool)
@@ -113,14 +100,4 @@ class RCNNTask(DetectionTask):
     if self.ground_truth is None and "masks" in batch and "mask_probs" in outputs:
       result["gt_masks"] = batch["masks"]
       result["input_size"] = jnp.stack([batch["pixel_mask"].any(2).sum(1), batch["pixel_mask"].any(1).sum(1)], -1)
-    return result
-
-  def detections(self, outputs, batch) -> Dict[str, jax.Array]:
-    """The model's detections with boxes scaled from input pixels to original-image pixels."""
-    real = jnp.stack([batch["pixel_mask"].any(2).sum(1), batch["pixel_mask"].any(1).sum(1)], -1)
-    scale = batch["orig_size"].astype(jnp.float32) / jnp.maximum(real.astype(jnp.float32), 1.0)
-    boxes = outputs["boxes"] * jnp.stack([scale[:, 1], scale[:, 0]] * 2, -1)[:, None, :]
-    result = {"boxes": boxes, "scores": outputs["scores"], "labels": outputs["labels"], "valid": outputs["valid"]}
-    if "mask_probs" in outputs:
-      result["mask_probs"] = outputs["mask_probs"]
     return result

@@ -1,5 +1,7 @@
-"""Object detectors: DETR (with its transformer and sine position encoding)."""
+"""Object detectors: DETR (with its transformer and sine position encoding), Faster / Mask R-CNN, RetinaNet;
+their shared backbone and FPN."""
 
-from cvjax.models.detection import detr, fpn, position_encoding, rcnn, transformer  # noqa: F401
+from cvjax.models.detection import (backbone, detr, fpn, position_encoding, rcnn, retinanet,  # noqa: F401
+                                    transformer)
 
-MODULES = ("detr", "fpn", "position_encoding", "rcnn", "transformer")
+MODULES = ("backbone", "detr", "fpn", "position_encoding", "rcnn", "retinanet", "transformer")

@@ -6,8 +6,8 @@ to it; a 3x3 conv (``layer_blocks_i``) on every sum gives ``P_i``. Extra levels:
 
   ``'max_pool'``  P6 = ``max_pool(P5, kernel 1, stride 2)``, i.e. every other pixel (Faster / Mask R-CNN's
                   ``pool`` level, used by the RPN only);
-  ``'p6p7'``      P6 = 3x3/2 conv of P5 (or of C5 when its channels differ from ``out_channels``, as
-                  torchvision's ``LastLevelP6P7`` decides), P7 = 3x3/2 conv of ReLU(P6) (RetinaNet);
+  ``'p6p7'``      P6 = 3x3/2 conv of P5 or of C5 (``p6p7_source``), P7 = 3x3/2 conv of ReLU(P6) (RetinaNet;
+                  torchvision's ``retinanet_resnet50_fpn`` takes P5, its ``_v2`` and the paper C5);
   ``'none'``      no extra level.
 
 Initialisation as torchvision: every conv ``kaiming_uniform(a=1)`` (i.e. ``U(+-sqrt(3 / fan_in))``), biases zero.
@@ -51,10 +51,13 @@ class FPN(nn.Module):
     out_channels: channels of every output level (256 in the paper).
     extra_blocks: ``'max_pool'`` | ``'p6p7'`` | ``'none'`` (module docstring).
     layer_impl: ``layers.conv2d`` implementation.
+    p6p7_source: ``'p5'``, ``'c5'``, or ``'auto'``: C5 when its channels differ from ``out_channels``
+      (torchvision's ``LastLevelP6P7(C5 channels, out_channels)``), else P5.
   """
   out_channels: int = 256
   extra_blocks: str = "max_pool"
   layer_impl: str = "auto"
+  p6p7_source: str = "auto"
 
   def _conv(self, kernel: int, stride: int, name: str) -> layers.Conv:
     return layers.Conv(self.out_channels, kernel, strides=stride, padding=kernel // 2,
@@ -79,7 +82,11 @@ class FPN(nn.Module):
     if self.extra_blocks == "max_pool":
       outputs[top + 1] = outputs[top][:, ::2, ::2]
     elif self.extra_blocks == "p6p7":
-      source = outputs[top] if features[top].shape[-1] == self.out_channels else features[top]
+      if self.p6p7_source not in ("auto", "p5", "c5"):
+        raise ValueError(f"p6p7_source must be 'auto', 'p5' or 'c5', got {self.p6p7_source!r}")
+      use_p5 = self.p6p7_source == "p5" or (self.p6p7_source == "auto"
+                                             and features[top].shape[-1] == self.out_channels)
+      source = outputs[top] if use_p5 else features[top]
       p6 = self._conv(3, 2, "p6")(source)
       outputs[top + 1] = p6
       outputs[top + 2] = self._conv(3, 2, "p7")(nn.relu(p6))
