@@ -42,6 +42,7 @@ from cvjax.ops.nms import batched_nms
 
 # torchvision's head convs: N(0, 0.01) weights, zero biases (the classifier's last bias is the prior's).
 _head_init = nn.initializers.normal(0.01)
+HEAD_NORMS = ("none", "group")
 
 
 def retinanet_anchor_sizes(base_sizes: Sequence[float] = (32, 64, 128, 256, 512)) -> Tuple[Tuple[int, ...], ...]:
@@ -58,20 +59,27 @@ class Subnet(nn.Module):
   final_name: str
   final_bias: float = 0.0
   num_convs: int = 4
+  norm: str = "none"
   layer_impl: str = "auto"
 
   @nn.compact
   def __call__(self, pyramid: Sequence[jnp.ndarray]) -> jnp.ndarray:
+    if self.norm not in HEAD_NORMS:
+      raise ValueError(f"head norm must be one of {HEAD_NORMS}, got {self.norm!r}")
     channels = pyramid[0].shape[-1]
-    convs = [layers.Conv(channels, 3, padding=1, kernel_init=_head_init, impl=self.layer_impl, name=f"conv_{i}")
-             for i in range(self.num_convs)]
+    grouped = self.norm == "group"
+    convs = [layers.Conv(channels, 3, padding=1, use_bias=not grouped, kernel_init=_head_init,
+                         impl=self.layer_impl, name=f"conv_{i}") for i in range(self.num_convs)]
+    # torchvision's v2 head: GroupNorm(32) after each conv (bias-free), shared over the levels like the convs.
+    norms = [nn.GroupNorm(num_groups=min(32, channels), epsilon=1e-5, name=f"norm_{i}") if grouped
+             else (lambda x: x) for i in range(self.num_convs)]
     final = layers.Conv(self.num_anchors * self.outputs_per_anchor, 3, padding=1, kernel_init=_head_init,
                         bias_init=nn.initializers.constant(self.final_bias), impl=self.layer_impl,
                         name=self.final_name)
     outputs = []
     for x in pyramid:
-      for conv in convs:
-        x = nn.relu(conv(x))
+      for conv, norm in zip(convs, norms):
+        x = nn.relu(norm(conv(x)))
       # Channel a * K + k is (anchor a, output k): torchvision's view(N, A, K, H, W).permute(0, 3, 4, 1, 2).
       outputs.append(final(x).reshape(x.shape[0], -1, self.outputs_per_anchor))
     return jnp.concatenate(outputs, 1)
@@ -84,14 +92,15 @@ class RetinaNetHead(nn.Module):
   num_classes: int
   num_convs: int = 4
   prior_probability: float = 0.01
+  norm: str = "none"
   layer_impl: str = "auto"
 
   @nn.compact
   def __call__(self, pyramid: Sequence[jnp.ndarray]) -> Tuple[jnp.ndarray, jnp.ndarray]:
     prior_bias = -math.log((1 - self.prior_probability) / self.prior_probability)
     logits = Subnet(self.num_classes, self.num_anchors, "cls_logits", prior_bias, self.num_convs,
-                    self.layer_impl, name="classification_head")(pyramid)
-    deltas = Subnet(4, self.num_anchors, "bbox_reg", 0.0, self.num_convs, self.layer_impl,
+                    self.norm, self.layer_impl, name="classification_head")(pyramid)
+    deltas = Subnet(4, self.num_anchors, "bbox_reg", 0.0, self.num_convs, self.norm, self.layer_impl,
                     name="regression_head")(pyramid)
     return logits, deltas
 
@@ -107,6 +116,8 @@ class RetinaNet(BackboneFeatures):
       ``'c5'`` (the paper, torchvision v2).
     anchor_sizes, aspect_ratios: one size tuple per pyramid level, and the ratios (height / width).
     head_convs, prior_probability: subnet depth (4) and the classifier's prior pi (0.01).
+    head_norm: ``'none'`` (torchvision v1, the paper) or ``'group'`` (GroupNorm(32) after each subnet conv, as
+      torchvision's ``retinanet_resnet50_fpn_v2`` head; its weights are not converted).
     fg_iou_thresh, bg_iou_thresh: the matcher (0.5 / 0.4, low-quality matches allowed).
     score_thresh, topk_candidates, nms_thresh, detections_per_img: inference (0.05, 1000 per level, 0.5, 300).
   """
@@ -118,6 +129,7 @@ class RetinaNet(BackboneFeatures):
   anchor_sizes: Sequence[Sequence[float]] = retinanet_anchor_sizes()
   aspect_ratios: Sequence[float] = (0.5, 1.0, 2.0)
   head_convs: int = 4
+  head_norm: str = "none"
   prior_probability: float = 0.01
   fg_iou_thresh: float = 0.5
   bg_iou_thresh: float = 0.4
@@ -159,7 +171,8 @@ class RetinaNet(BackboneFeatures):
                        f"{levels}: give one size tuple per level")
     num_anchors = len(self.anchor_sizes[0]) * len(self.aspect_ratios)
     logits, deltas = RetinaNetHead(num_anchors, self.num_classes, self.head_convs, self.prior_probability,
-                                   self.backbone_layer_impl, name="head")([pyramid[l] for l in levels])
+                                   self.head_norm, self.backbone_layer_impl,
+                                   name="head")([pyramid[l] for l in levels])
     anchors, level_sizes = anchor_ops.multilevel_anchors(
         (height, width), [pyramid[l].shape[1:3] for l in levels], self.anchor_sizes,
         [self.aspect_ratios] * len(levels))
