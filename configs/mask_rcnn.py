@@ -30,7 +30,7 @@ COCO presets read a COCO-format folder with `segmentation` annotations (`--confi
 
 from ml_collections.config_dict import placeholder
 
-from cvjax.train.config import base_config, select_preset, tiny_run
+from cvjax.train.config import base_config, select_preset, shapes_detection_run, tiny_run
 
 COCO_TRAIN_IMAGES = 118_287
 # torchvision's trainable_backbone_layers=3: the stem and layer1 keep their (ImageNet) weights.
@@ -38,11 +38,9 @@ BACKBONE_FROZEN = ("backbone/conv1/.*", "backbone/bn1/.*", "backbone/layer1_.*")
 
 
 def _shapes(c, steps: int):
-  c.dataset.name = "shapes"
-  c.dataset.task = "detection"
-  c.dataset.config_name = "detection_64"
-  c.dataset.image_size = 64
-  c.dataset.max_boxes = 8
+  # From scratch at this scale AdamW 1e-3 (shapes_detection_run) learns faster than the COCO recipe's SGD 0.02
+  # (which reached box AP50 0.58 at step 1,250 of a 1,500-step cosine run).
+  shapes_detection_run(c, steps, batch_size=16)
   c.model.name = c.model.name.replace("resnet50", "resnet18")
   c.model.backbone_width = 16
   c.model.backbone_frozen_bn = False
@@ -63,19 +61,6 @@ def _shapes(c, steps: int):
   c.model.representation_size = 256
   c.model.mask_head_channels = 16
   c.model.mask_target_max_sampling_grid = 2   # exact for RoIs up to 56 pixels: every shape at 64x64
-  c.batch_size = 16
-  c.total_steps = steps
-  # From scratch at this scale AdamW learns faster than the COCO recipe's SGD 0.02 (which reached box AP50
-  # 0.58 at step 1,250 of a 1,500-step cosine run).
-  c.optimizer.name = "adamw"
-  c.optimizer.learning_rate = 1e-3
-  c.optimizer.weight_decay = 1e-4
-  c.optimizer.warmup_steps = 100
-  c.optimizer.schedule = "cosine"
-  c.optimizer.grad_clip_norm = 10.0
-  c.log_every = 50
-  c.eval_every = 1000
-  c.checkpoint_every = 500
 
 
 def default(c):

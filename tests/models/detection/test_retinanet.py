@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from detection_inputs import all_finite as _finite, padded_targets, random_images
 
 from cvjax.models import create_model
 from cvjax.ops.proposals import BETWEEN_THRESHOLDS
@@ -20,15 +21,13 @@ TINY = dict(num_classes=CLASSES, backbone_width=4, backbone_frozen_bn=False, fpn
             topk_candidates=20, detections_per_img=8)
 
 
+
 def _targets(boxes_per_image):
-  """Padded GT of a batch: ``gt_boxes [B, M, 4]`` xyxy, ``gt_labels`` (object m has class m % K), ``gt_valid``."""
-  boxes = np.zeros((len(boxes_per_image), MAX_BOXES, 4), np.float32)
-  labels = np.zeros(boxes.shape[:2], np.int32)
-  valid = np.zeros(boxes.shape[:2], bool)
-  for b, image_boxes in enumerate(boxes_per_image):
-    for m, box in enumerate(image_boxes):
-      boxes[b, m], labels[b, m], valid[b, m] = box, m % CLASSES, True
-  return dict(gt_boxes=jnp.asarray(boxes), gt_labels=jnp.asarray(labels), gt_valid=jnp.asarray(valid))
+  return padded_targets(boxes_per_image, MAX_BOXES, CLASSES)
+
+
+def _images(seed=0):
+  return random_images(SIZE, seed=seed)
 
 
 @pytest.fixture(scope="module")
@@ -54,14 +53,6 @@ def train_fn(model_and_variables):
     return total, terms, outputs, grads
 
   return lambda images, targets: run(variables["params"], images, targets)
-
-
-def _images(seed=0):
-  return jnp.asarray(np.random.default_rng(seed).normal(size=(2, SIZE, SIZE, 3)).astype(np.float32))
-
-
-def _finite(tree):
-  return all(bool(jnp.isfinite(x).all()) for x in jax.tree_util.tree_leaves(tree))
 
 
 def test_anchor_targets_label_foreground_with_the_matched_class(train_fn):
