@@ -15,7 +15,8 @@ Problems:
   survive: greedy NMS's worst case, O(N^2 / 2) IoUs. Reference: torchvision.ops.nms on the CPU, timed in the
   same run on the same float32 boxes; the goal is cvjax within 2x of it. A clustered problem (few kept) and
   batched_nms over 80 classes (torchvision's per-class loop at this size) follow. ``exact`` says whether cvjax
-  kept torchvision's indices in torchvision's order.
+  kept torchvision's indices in torchvision's order. Fast NMS (``cvjax.ops.fast_nms``, YOLACT's, which keeps a
+  subset of greedy NMS's boxes) is timed on the single-class problems against torchvision and cvjax's greedy nms.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import scipy.optimize
 import torch
 
 from cvjax.ops.matching import match_sets
-from cvjax.ops.nms import batched_nms, nms
+from cvjax.ops.nms import batched_nms, fast_nms, nms
 
 BATCH, QUERIES, TARGETS = 64, 100, 100
 NUM_BOXES = 2000
@@ -119,8 +120,16 @@ def bench_nms(torchvision) -> None:
     indices, num_valid = fn(*args)
     exact = int(num_valid) == len(expected) and (np.asarray(indices)[:len(expected)] == expected).all()
     goal = "ratio >= 0.50" if (kind, num_classes) == ("sparse", None) else "-"
+    reference_ms = _best_ms(reference)
     _line(f"{name} kept {len(expected)} exact {exact}", _best_ms(lambda: fn(*args)), "torchvision",
-          _best_ms(reference), goal)
+          reference_ms, goal)
+    if classes is None:  # Fast NMS (YOLACT): one IoU matrix, suppressed boxes suppress too (keeps fewer)
+      fast = jax.jit(lambda b, s: fast_nms(b, s, 0.5, max_output_size))
+      kept = int(fast(*args)[1])
+      _line(f"fast_nms {kind} N={NUM_BOXES} kept {kept} (greedy {len(expected)})", _best_ms(lambda: fast(*args)),
+            "torchvision", reference_ms, "-")
+      greedy_ms = _best_ms(lambda: fn(*args))
+      _line(f"fast_nms {kind} vs cvjax greedy nms", _best_ms(lambda: fast(*args)), "cvjax nms", greedy_ms, "-")
 
 
 def _load_roi_ops():

@@ -1,4 +1,4 @@
-"""Pure jnp custom ops (no Flax, no state): boxes, matching, NMS, RoIAlign/RoIPool, anchors, RPN proposals and
+"""Pure jnp custom ops (no Flax, no state): boxes, matching, NMS (greedy and Fast NMS), RoIAlign/RoIPool, anchors, RPN proposals and
 sampling, window attention, losses, and bucketed work on a data-dependent number of rows.
 
 ``cvjax.ops.nms``, ``cvjax.ops.roi_align`` and ``cvjax.ops.roi_pool`` are the ops (call them) and also the
@@ -14,7 +14,7 @@ from cvjax.ops.boxes import (box_area, box_convert, box_iou, decode_boxes, eleme
 from cvjax.ops.losses import (dice_loss, giou_loss, sigmoid_focal_loss, smooth_l1_loss,  # noqa: F401
                               weighted_softmax_cross_entropy)
 from cvjax.ops.matching import linear_sum_assignment, match_sets  # noqa: F401
-from cvjax.ops.nms import batched_nms  # noqa: F401
+from cvjax.ops.nms import batched_nms, fast_nms, multiclass_fast_nms  # noqa: F401
 from cvjax.ops.proposals import (BELOW_LOW_THRESHOLD, BETWEEN_THRESHOLDS, balanced_sample, match_boxes,  # noqa: F401
                                  sampled_indices, select_proposals)
 from cvjax.ops.roi_align import fpn_level_assignment, multiscale_roi_align  # noqa: F401

@@ -60,8 +60,8 @@ def _threshold_in(threshold, dtype) -> jnp.ndarray:
   return jnp.asarray(rounded)
 
 
-def _nms(boxes: jnp.ndarray, scores: jnp.ndarray, classes: Optional[jnp.ndarray], iou_threshold,
-         max_output_size: int, score_threshold) -> Tuple[jnp.ndarray, jnp.ndarray]:
+def _check_nms_inputs(boxes, scores, max_output_size) -> Tuple[jnp.ndarray, jnp.ndarray]:
+  """``(boxes [N, 4], scores [N] in at least float32)`` checked, with a clear error naming the bad input."""
   boxes = _check_boxes(boxes, "boxes")
   if boxes.ndim != 2:
     raise ValueError(f"boxes must have shape [N, 4] (vmap for batches); got {boxes.shape}")
@@ -69,13 +69,19 @@ def _nms(boxes: jnp.ndarray, scores: jnp.ndarray, classes: Optional[jnp.ndarray]
   scores = jnp.asarray(scores)
   if scores.shape != (n,):
     raise ValueError(f"scores must have shape [N] = [{n}] to match boxes; got {scores.shape}")
-  if classes is not None and jnp.shape(classes) != (n,):
-    raise ValueError(f"classes must have shape [N] = [{n}] to match boxes; got {jnp.shape(classes)}")
   if not isinstance(max_output_size, int) or max_output_size < 0:
     raise ValueError(f"max_output_size must be a static int >= 0; got {max_output_size!r}")
+  return boxes, scores.astype(jnp.promote_types(scores.dtype, jnp.float32))
+
+
+def _nms(boxes: jnp.ndarray, scores: jnp.ndarray, classes: Optional[jnp.ndarray], iou_threshold,
+         max_output_size: int, score_threshold) -> Tuple[jnp.ndarray, jnp.ndarray]:
+  boxes, scores = _check_nms_inputs(boxes, scores, max_output_size)
+  n = boxes.shape[0]
+  if classes is not None and jnp.shape(classes) != (n,):
+    raise ValueError(f"classes must have shape [N] = [{n}] to match boxes; got {jnp.shape(classes)}")
   if n == 0 or max_output_size == 0:
     return jnp.full((max_output_size,), -1, jnp.int32), jnp.zeros((), jnp.int32)
-  scores = scores.astype(jnp.promote_types(scores.dtype, jnp.float32))
   class_aware = classes is not None
   classes = jnp.asarray(classes) if class_aware else jnp.zeros((n,), jnp.int32)
   # The thresholds enter the kernel as arrays, so eager calls with other Python floats reuse its compilation.
@@ -175,6 +181,108 @@ def batched_nms(boxes: jnp.ndarray, scores: jnp.ndarray, classes: jnp.ndarray, i
   order over all classes.
   """
   return _nms(boxes, scores, classes, iou_threshold, max_output_size, score_threshold)
+
+
+def _fast_nms_sorted(boxes: jnp.ndarray, candidate: jnp.ndarray, threshold) -> jnp.ndarray:
+  """Fast NMS keep mask of score-sorted ``boxes [K, 4]`` with ``candidate [K]`` bool: box j is kept iff it is
+  a candidate and no candidate i < j overlaps it with IoU > ``threshold`` (one ``K x K`` IoU matrix, its
+  upper triangle maxed over rows; NaN IoUs never suppress)."""
+  k = boxes.shape[0]
+  iou = _iou(boxes[:, None, :], boxes[None, :, :], eps=0.0)
+  above = (jnp.arange(k)[:, None] < jnp.arange(k)[None, :]) & candidate[:, None]
+  return candidate & ~(above & (iou > threshold)).any(axis=0)
+
+
+def _top_sorted(scores: jnp.ndarray, top_k: int) -> jnp.ndarray:
+  """Indices of the ``top_k`` highest scores, descending, ties lower index first (as ``nms``'s visit order)."""
+  return jnp.argsort(-scores, stable=True)[:top_k].astype(jnp.int32)
+
+
+def fast_nms(boxes: jnp.ndarray, scores: jnp.ndarray, iou_threshold, max_output_size: int,
+             score_threshold=-jnp.inf, top_k: Optional[int] = None) -> Tuple[jnp.ndarray, jnp.ndarray]:
+  """Fast NMS (Bolya et al. 2019, YOLACT section 3.4): every box may suppress, kept or not.
+
+  Of the ``top_k`` highest-scored boxes (all by default) with ``score > score_threshold``, box j is kept iff
+  no higher-scored candidate i has ``IoU(i, j) > iou_threshold``: the column maxima of the upper triangle of
+  one IoU matrix, computed at once instead of greedy NMS's sequential walk. How it differs from greedy
+  ``nms``: greedy only lets *kept* boxes suppress; here a box that is itself suppressed still suppresses
+  (boxes A > B > C with A~B and B~C overlapping but not A~C: greedy keeps A and C, Fast NMS only A). So its
+  kept set is a subset of greedy's, equal when no suppressed box overlaps a lower-scored one above the
+  threshold. IoU and threshold semantics (strict ``>``, the threshold rounded as ``nms``, NaN never
+  suppresses) and the visit order (score descending, ties lower index first) are ``nms``'s.
+
+  Args:
+    boxes: ``[N, 4]`` absolute xyxy (vmap for a batch); ``scores [N]``.
+    iou_threshold: float or traced scalar. ``max_output_size``: static output length.
+    score_threshold: only boxes with ``score > score_threshold`` are candidates (they alone suppress).
+    top_k: static; only the ``top_k`` highest-scored boxes are considered (YOLACT: 200), bounding the
+      ``top_k x top_k`` IoU matrix. None: all ``N``.
+
+  Returns:
+    ``(indices [max_output_size] int32 padded with -1, num_valid)`` as ``nms``: the kept boxes in decreasing
+    score order.
+  """
+  boxes, scores = _check_nms_inputs(boxes, scores, max_output_size)
+  n = boxes.shape[0]
+  if n == 0 or max_output_size == 0:
+    return jnp.full((max_output_size,), -1, jnp.int32), jnp.zeros((), jnp.int32)
+  order = _top_sorted(scores, n if top_k is None else min(int(top_k), n))
+  keep = _fast_nms_sorted(boxes[order], scores[order] > score_threshold,
+                          _threshold_in(iou_threshold, boxes.dtype))
+  slot = jnp.where(keep, jnp.cumsum(keep) - 1, max_output_size)
+  indices = jnp.full((max_output_size,), -1, jnp.int32).at[slot].set(order, mode="drop")
+  return indices, jnp.minimum(keep.sum(dtype=jnp.int32), max_output_size)
+
+
+def multiclass_fast_nms(boxes: jnp.ndarray, scores: jnp.ndarray, iou_threshold, top_k: int,
+                        max_output_size: int, score_threshold=0.05) -> dict:
+  """YOLACT's detection step: per class, ``fast_nms`` over the class's ``top_k`` scores; then the
+  ``max_output_size`` highest-scored survivors over all classes.
+
+  Per class c, the candidates are the boxes with ``scores[:, c] > score_threshold`` (YOLACT first drops boxes
+  whose best class score is below the threshold and, with its default ``second_threshold=False``, may still
+  return a surviving box at a sub-threshold score of another class; such boxes rank below every candidate and
+  cannot suppress one, so the candidates' result is the same and they are simply not returned here).
+
+  Args:
+    boxes: ``[N, 4]`` absolute xyxy shared by the classes; ``scores [N, C]`` per class (no background column).
+    iou_threshold, score_threshold: as ``fast_nms``. ``top_k``, ``max_output_size``: static ints.
+
+  Returns:
+    ``{'indices' [D] int32 box index into N (-1 padding), 'labels' [D] int32 class, 'scores' [D], 'valid' [D]
+    bool}``, ``D = max_output_size``, in decreasing score order (ties: lower class, then lower rank).
+  """
+  boxes = _check_boxes(boxes, "boxes")
+  scores = jnp.asarray(scores)
+  if boxes.ndim != 2 or scores.ndim != 2 or scores.shape[0] != boxes.shape[0]:
+    raise ValueError(f"boxes must be [N, 4] and scores [N, C] with the same N; got {boxes.shape} and "
+                     f"{scores.shape}")
+  if not isinstance(top_k, int) or top_k < 1 or not isinstance(max_output_size, int) or max_output_size < 0:
+    raise ValueError(f"top_k must be a static int >= 1 and max_output_size a static int >= 0; got {top_k!r}, "
+                     f"{max_output_size!r}")
+  n, classes = scores.shape
+  scores = scores.astype(jnp.promote_types(scores.dtype, jnp.float32))
+  if n == 0 or classes == 0:
+    return {"indices": jnp.full((max_output_size,), -1, jnp.int32),
+            "labels": jnp.zeros((max_output_size,), jnp.int32),
+            "scores": jnp.zeros((max_output_size,), scores.dtype), "valid": jnp.zeros((max_output_size,), bool)}
+  k = min(top_k, n)
+  threshold = _threshold_in(iou_threshold, boxes.dtype)
+
+  def per_class(class_scores):
+    order = _top_sorted(class_scores, k)
+    ranked = class_scores[order]
+    return order, jnp.where(_fast_nms_sorted(boxes[order], ranked > score_threshold, threshold), ranked, -jnp.inf)
+
+  order, kept_scores = jax.vmap(per_class)(scores.T)  # [C, k] each
+  flat = kept_scores.reshape(-1)
+  best = _top_sorted(flat, min(max_output_size, flat.shape[0]))
+  pad = max_output_size - best.shape[0]
+  valid = jnp.pad(flat[best] > -jnp.inf, (0, pad))
+  best = jnp.pad(best, (0, pad))
+  return {"indices": jnp.where(valid, order.reshape(-1)[best], -1),
+          "labels": jnp.where(valid, best // k, 0).astype(jnp.int32),
+          "scores": jnp.where(valid, flat[best], 0.0), "valid": valid}
 
 
 callable_module(__name__, nms)  # `cvjax.ops.nms(...)` calls the op; the module stays reachable

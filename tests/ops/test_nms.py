@@ -17,6 +17,7 @@ import torch
 
 from cvjax.ops.nms import batched_nms as batched_nms_op
 from cvjax.ops.nms import nms as nms_op
+from nms_reference import integer_boxes, reference_nms  # tests/helpers
 
 # Called eagerly with Python-float thresholds, which are compared as torchvision compares them, as doubles (a
 # traced threshold is a float32 array); the eager op compiles once per shape, whatever the threshold. Inside a
@@ -26,29 +27,6 @@ nms = nms_op
 batched_nms = batched_nms_op
 
 
-def reference_nms(boxes, scores, iou_threshold, classes=None, score_threshold=-np.inf):
-  """Greedy NMS in float64: stable score-descending order, suppress float32(IoU) > threshold (a double), NaN
-  never suppresses."""
-  boxes = np.asarray(boxes, np.float64)
-  scores = np.asarray(scores, np.float64)
-  classes = np.zeros(len(boxes)) if classes is None else np.asarray(classes)
-  order = np.argsort(-scores, kind="stable")
-  areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-  suppressed = ~(scores > score_threshold)
-  keep = []
-  for i in order:
-    if suppressed[i]:
-      continue
-    keep.append(i)
-    w = np.maximum(np.minimum(boxes[i, 2], boxes[:, 2]) - np.maximum(boxes[i, 0], boxes[:, 0]), 0)
-    h = np.maximum(np.minimum(boxes[i, 3], boxes[:, 3]) - np.maximum(boxes[i, 1], boxes[:, 1]), 0)
-    inter = w * h
-    with np.errstate(invalid="ignore", divide="ignore"):
-      iou = (inter / (areas[i] + areas - inter)).astype(np.float32).astype(np.float64)
-    suppressed |= (iou > iou_threshold) & (classes == classes[i])
-  return np.array(keep, np.int64)
-
-
 def assert_same_as_reference(result, expected, max_output_size):
   indices, num_valid = (np.asarray(x) for x in result)
   expected = expected[:max_output_size]
@@ -56,12 +34,6 @@ def assert_same_as_reference(result, expected, max_output_size):
   assert int(num_valid) == len(expected)
   np.testing.assert_array_equal(indices[:len(expected)], expected)
   assert (indices[len(expected):] == -1).all()
-
-
-def integer_boxes(rng, n, canvas=64, max_size=24):
-  xy = rng.integers(0, canvas, (n, 2))
-  wh = rng.integers(1, max_size, (n, 2))
-  return np.concatenate([xy, xy + wh], 1).astype(np.float32)
 
 
 @pytest.mark.parametrize("iou_threshold", [0.0, 0.1, 0.3, 0.5, 0.7, 1.0])
