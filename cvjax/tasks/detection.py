@@ -33,6 +33,11 @@ def to_absolute_xyxy(boxes: jax.Array, image_size: jax.Array) -> jax.Array:
   return box_convert(boxes.astype(jnp.float32), "cxcywh", "xyxy") * scale
 
 
+def real_sizes(batch: Dict[str, jax.Array]) -> jax.Array:
+  """``[B, 2]`` int (height, width) of each image's real region, from the batch's ``pixel_mask [B, H, W]``."""
+  return jnp.stack([batch["pixel_mask"].any(2).sum(1), batch["pixel_mask"].any(1).sum(1)], -1)
+
+
 class DetectionTask(Task):
   """Base of the detection tasks. Config key ``task.num_visualizations`` (images drawn per evaluation).
 
@@ -76,16 +81,25 @@ class AnchorDetectionTask(DetectionTask):
     kwargs = {"pixel_mask": batch["pixel_mask"]}
     if "boxes" not in batch:  # e.g. an image-only batch for init or inference
       return (batch["image"],), kwargs
-    sizes = jnp.stack([batch["pixel_mask"].any(2).sum(1), batch["pixel_mask"].any(1).sum(1)], -1)
+    sizes = real_sizes(batch)
     kwargs.update(gt_boxes=to_absolute_xyxy(batch["boxes"], sizes), gt_labels=batch["labels"],
                   gt_valid=batch["valid"])
     if "masks" in batch:
       kwargs["gt_masks"] = batch["masks"]
     return (batch["image"],), kwargs
 
+  def eval_outputs(self, outputs, batch) -> Dict[str, jax.Array]:
+    """The detection task's outputs, plus (generated data, instance-segmentation models) the batch's masks
+    as ``gt_masks`` with their real region's ``input_size`` for the segm ground truth."""
+    result = super().eval_outputs(outputs, batch)
+    if self.ground_truth is None and "masks" in batch and "mask_probs" in outputs:
+      result["gt_masks"] = batch["masks"]
+      result["input_size"] = real_sizes(batch)
+    return result
+
   def detections(self, outputs, batch) -> Dict[str, jax.Array]:
     """The model's detections with boxes scaled from input pixels to original-image pixels."""
-    real = jnp.stack([batch["pixel_mask"].any(2).sum(1), batch["pixel_mask"].any(1).sum(1)], -1)
+    real = real_sizes(batch)
     scale = batch["orig_size"].astype(jnp.float32) / jnp.maximum(real.astype(jnp.float32), 1.0)
     boxes = outputs["boxes"] * jnp.stack([scale[:, 1], scale[:, 0]] * 2, -1)[:, None, :]
     result = {"boxes": boxes, "scores": outputs["scores"], "labels": outputs["labels"], "valid": outputs["valid"]}

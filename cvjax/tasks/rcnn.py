@@ -94,10 +94,3 @@ class RCNNTask(AnchorDetectionTask):
     metrics["num_positive_rois"] = ((outputs["roi_labels"] > 0).sum().astype(jnp.float32), one)
     return loss, metrics
 
-  def eval_outputs(self, outputs, batch) -> Dict[str, jax.Array]:
-    """The detection task's outputs, plus (generated data, Mask R-CNN) the GT masks for the segm ground truth."""
-    result = super().eval_outputs(outputs, batch)
-    if self.ground_truth is None and "masks" in batch and "mask_probs" in outputs:
-      result["gt_masks"] = batch["masks"]
-      result["input_size"] = jnp.stack([batch["pixel_mask"].any(2).sum(1), batch["pixel_mask"].any(1).sum(1)], -1)
-    return result

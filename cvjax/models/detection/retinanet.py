@@ -31,13 +31,10 @@ import jax
 import jax.numpy as jnp
 
 from cvjax.models import layers
-from cvjax.models.detection.backbone import BackboneFeatures
-from cvjax.models.detection.fpn import FPN
+from cvjax.models.detection.one_stage import AnchorPyramid, octave_anchor_sizes
 from cvjax.models.detection.rcnn import clip_boxes, image_sizes
 from cvjax.models.registry import MODELS
-from cvjax.ops import anchors as anchor_ops
-from cvjax.ops import proposals as proposal_ops
-from cvjax.ops.boxes import box_iou, decode_boxes, encode_boxes
+from cvjax.ops.boxes import decode_boxes
 from cvjax.ops.nms import batched_nms
 
 # torchvision's head convs: N(0, 0.01) weights, zero biases (the classifier's last bias is the prior's).
@@ -46,8 +43,8 @@ HEAD_NORMS = ("none", "group")
 
 
 def retinanet_anchor_sizes(base_sizes: Sequence[float] = (32, 64, 128, 256, 512)) -> Tuple[Tuple[int, ...], ...]:
-  """Per level ``(x, int(x * 2**(1/3)), int(x * 2**(2/3)))``: torchvision's three octave scales (truncated)."""
-  return tuple((int(x), int(x * 2 ** (1.0 / 3)), int(x * 2 ** (2.0 / 3))) for x in base_sizes)
+  """torchvision's RetinaNet anchor sizes (``cvjax.models.detection.one_stage.octave_anchor_sizes``)."""
+  return octave_anchor_sizes(base_sizes)
 
 
 class Subnet(nn.Module):
@@ -105,34 +102,24 @@ class RetinaNetHead(nn.Module):
     return logits, deltas
 
 
-class RetinaNet(BackboneFeatures):
+class RetinaNet(AnchorPyramid):
   """RetinaNet with a ResNet-FPN (torchvision ``retinanet_resnet50_fpn``).
 
   Attributes (torchvision's argument names where it has them):
     num_classes: object classes (sigmoid outputs per anchor; no background column).
     backbone, backbone_*, swin_*, dtype: the backbone (``BackboneFeatures``).
-    fpn_channels: FPN width (256). ``min_level`` / ``max_level``: the pyramid levels the head runs on (3 / 7:
-      C3..C5 -> P3..P7; 2 / 6 feeds C2 to the FPN and drops P7, for small objects at CPU scale). ``p6p7_source``: ``'p5'`` (torchvision v1) or
-      ``'c5'`` (the paper, torchvision v2).
-    anchor_sizes, aspect_ratios: one size tuple per pyramid level, and the ratios (height / width).
+    fpn_channels, min_level, max_level, p6p7_source, anchor_sizes, aspect_ratios, fg_iou_thresh,
+      bg_iou_thresh: the pyramid, anchors and matcher (``AnchorPyramid``; 256, P3..P7, P6 from P5, 3 octave
+      sizes 32..812 x ratios (0.5, 1, 2), 0.5 / 0.4).
     head_convs, prior_probability: subnet depth (4) and the classifier's prior pi (0.01).
     head_norm: ``'none'`` (torchvision v1, the paper) or ``'group'`` (GroupNorm(32) after each subnet conv, as
       torchvision's ``retinanet_resnet50_fpn_v2`` head; its weights are not converted).
-    fg_iou_thresh, bg_iou_thresh: the matcher (0.5 / 0.4, low-quality matches allowed).
     score_thresh, topk_candidates, nms_thresh, detections_per_img: inference (0.05, 1000 per level, 0.5, 300).
   """
   num_classes: int = 90
-  fpn_channels: int = 256
-  min_level: int = 3
-  max_level: int = 7
-  p6p7_source: str = "p5"
-  anchor_sizes: Sequence[Sequence[float]] = retinanet_anchor_sizes()
-  aspect_ratios: Sequence[float] = (0.5, 1.0, 2.0)
   head_convs: int = 4
   head_norm: str = "none"
   prior_probability: float = 0.01
-  fg_iou_thresh: float = 0.5
-  bg_iou_thresh: float = 0.4
   score_thresh: float = 0.05
   topk_candidates: int = 1000
   nms_thresh: float = 0.5
@@ -158,50 +145,21 @@ class RetinaNet(BackboneFeatures):
     """
     if images.ndim != 4:
       raise ValueError(f"RetinaNet expects NHWC images [B, H, W, 3], got shape {images.shape}")
-    height, width = images.shape[1:3]
-    features = {l: m for l, m in self._features(images, train).items() if l >= self.min_level}
-    pyramid = FPN(self.fpn_channels, "p6p7", self.backbone_layer_impl, self.p6p7_source, name="fpn")(features)
-    if not self.min_level <= self.max_level <= 7 or self.min_level < 2:
-      raise ValueError(f"RetinaNet levels need 2 <= min_level <= max_level <= 7, got {self.min_level} and "
-                       f"{self.max_level}")
-    pyramid = {l: p for l, p in pyramid.items() if l <= self.max_level}
-    levels = sorted(pyramid)
-    if len(self.anchor_sizes) != len(levels):
-      raise ValueError(f"anchor_sizes has {len(self.anchor_sizes)} entries for {len(levels)} pyramid levels "
-                       f"{levels}: give one size tuple per level")
-    num_anchors = len(self.anchor_sizes[0]) * len(self.aspect_ratios)
-    logits, deltas = RetinaNetHead(num_anchors, self.num_classes, self.head_convs, self.prior_probability,
-                                   self.head_norm, self.backbone_layer_impl,
-                                   name="head")([pyramid[l] for l in levels])
-    anchors, level_sizes = anchor_ops.multilevel_anchors(
-        (height, width), [pyramid[l].shape[1:3] for l in levels], self.anchor_sizes,
-        [self.aspect_ratios] * len(levels))
-    anchors = jnp.asarray(anchors, jnp.float32)
+    _, maps = self._pyramid(images, train)
+    logits, deltas = RetinaNetHead(self.num_anchors, self.num_classes, self.head_convs, self.prior_probability,
+                                   self.head_norm, self.backbone_layer_impl, name="head")(maps)
+    anchors, level_sizes = self._anchors(images.shape[1:3], maps)
     outputs = {"cls_logits": logits, "bbox_regression": deltas, "anchors": anchors}
     if train:
       if gt_boxes is None or gt_labels is None or gt_valid is None:
         raise ValueError("RetinaNet in training needs gt_boxes, gt_labels and gt_valid")
-      gt_boxes = gt_boxes.astype(jnp.float32)
-      # Degenerate boxes cannot be regression targets (log of a zero size): they are not objects.
-      gt_valid = gt_valid & (gt_boxes[..., 2] > gt_boxes[..., 0]) & (gt_boxes[..., 3] > gt_boxes[..., 1])
-      labels, targets = jax.vmap(functools.partial(self._anchor_targets, anchors))(gt_boxes, gt_labels, gt_valid)
+      labels, targets, _ = self._anchor_targets(anchors, gt_boxes, gt_labels, gt_valid)
       outputs.update(anchor_labels=labels, box_targets=targets)
       return outputs
     sizes = image_sizes(pixel_mask, images.shape[:3])
     outputs.update(jax.vmap(functools.partial(self._detect, anchors, level_sizes))(
         jax.lax.stop_gradient(logits), jax.lax.stop_gradient(deltas), sizes))
     return outputs
-
-  def _anchor_targets(self, anchors, gt_boxes, gt_labels, gt_valid):
-    """One image: ``[N]`` anchor labels (class, -1 background, -2 ignored) and ``[N, 4]`` box targets."""
-    match = proposal_ops.match_boxes(box_iou(gt_boxes, anchors), gt_valid, self.fg_iou_thresh,
-                                     self.bg_iou_thresh, True)
-    foreground = match >= 0
-    matched = jnp.maximum(match, 0)
-    labels = jnp.where(foreground, gt_labels[matched].astype(jnp.int32), match)
-    # Other anchors regress onto themselves (zero targets) so that no log(0) of a padding box is computed.
-    reference = jnp.where(foreground[:, None], gt_boxes[matched], anchors)
-    return labels, encode_boxes(reference, anchors)
 
   def _detect(self, anchors, level_sizes, logits, deltas, size) -> Dict[str, jnp.ndarray]:
     """torchvision ``RetinaNet.postprocess_detections`` for one image, with static shapes: per level the
