@@ -5,8 +5,13 @@ Presets:
                   three octave scales, as `configs/retinanet.py:default`; protonet 64 wide on P2, k = 16
                   prototypes at stride 2) on the generated `shapes` detection set at 64x64 with instance
                   masks, from scratch (trainable batch norm), AdamW 1e-3, cosine, batch 16. Goal: mask AP50
-                  >= 0.6 on shapes validation within 20 minutes on a 2-core CPU. Measured: see the issue note /
-                  README row.
+                  >= 0.6 on shapes validation within 20 minutes on a 2-core CPU. Measured 2026-12-04 (2-core
+                  CPU, 12.5 min of training by summary.json, ~4.3 steps/s, the shapes data generated first in
+                  ~20 s; a test file ran beside its first minutes), validation mask AP50 / box AP50 (mask AP, box AP; mask AP75):
+                    step 1000: 0.445 / 0.472  (0.271, 0.289; 0.279)
+                    step 2000: 0.666 / 0.700  (0.444, 0.470; 0.490)
+                    step 3000: 0.697 / 0.728  (0.478, 0.499; 0.539)
+                  `python launch.py --config=configs/yolact.py`.
   coco_r101_550   the paper's yolact_base recipe: ResNet-101 FPN at 550x550, anchors 24..384 on P3..P7 with
                   ratios (1, 1/2, 2), k = 32, SGD momentum 0.9, lr 1e-3 at batch 8, weight decay 5e-4, 800k
                   iterations with lr / 10 at 280k, 600k, 700k and 750k, 500-iteration warm-up, ImageNet

@@ -98,5 +98,6 @@ def get_config(arg=None):
   c.model.backbone_width = 64
   c.model.backbone_stem = "imagenet"
   c.model.backbone_frozen_bn = True
+  c.model.feature_level = placeholder(int)   # the ResNet map the head reads (None: C5)
   c.model.detections_per_img = 100
   return select_preset(PRESETS, arg, c)

@@ -149,7 +149,8 @@ class YOLOv1(BackboneFeatures):
   Attributes:
     num_classes: C. ``grid_size``: S (7). ``boxes_per_cell``: B (2).
     network: ``'darknet24'`` | ``'fast'`` | ``'resnet'`` (module docstring); ``darknet_width``, ``batch_norm``.
-    backbone_*: the ResNet when ``network='resnet'`` (``BackboneFeatures``).
+    backbone_*: the ResNet when ``network='resnet'`` (``BackboneFeatures``); ``feature_level`` the ResNet map
+      the head reads (2..5 for C2..C5; None: C5).
     hidden_size, dropout_rate: the first fully connected layer (4096) and the dropout after it (0.5).
     rescore: confidence target = IoU (True, the paper) or 1.
     score_thresh, nms_thresh, detections_per_img: inference on the class-specific confidences
@@ -164,6 +165,7 @@ class YOLOv1(BackboneFeatures):
   hidden_size: int = 4096
   dropout_rate: float = 0.5
   rescore: bool = True
+  feature_level: Optional[int] = None
   score_thresh: float = 0.005
   nms_thresh: float = 0.5
   detections_per_img: int = 100
@@ -192,7 +194,10 @@ class YOLOv1(BackboneFeatures):
     height, width = images.shape[1:3]
     if self.network == "resnet":
       features = self._features(images, train)
-      x = features[max(features)]  # C5 (stride 32, or 8 with the CIFAR stem)
+      level = self.feature_level or max(features)  # default C5 (stride 32, or 8 with the CIFAR stem)
+      if level not in features:
+        raise ValueError(f"feature_level must be one of the backbone's levels {sorted(features)}, got {level}")
+      x = features[level]
     else:
       x = Darknet(DARKNET_SPECS[self.network], self.darknet_width, self.batch_norm, self.backbone_layer_impl,
                   self.dtype, name="backbone")(images, train)
