@@ -42,7 +42,7 @@ it these presets train the backbone from its random initialisation, far from the
 
 from ml_collections.config_dict import placeholder
 
-from cvjax.train.config import base_config, select_preset, tiny_run
+from cvjax.train.config import base_config, select_preset, detection_tiny_run
 
 COCO_TRAIN_IMAGES = 118_287
 # DETR trains only the backbone's layer2..layer4: the stem and the first stage stay as pretrained (and, being
@@ -97,11 +97,7 @@ def default(c):
 
 def tiny(c):
   _shapes(c, steps=2)
-  tiny_run(c)
-  c.dataset.config_name = "detection_32"
-  c.dataset.image_size = 32
-  c.dataset.max_boxes = 4
-  c.model.backbone_width = 4
+  detection_tiny_run(c)
   c.init.pretrain_config = "configs/resnet.py:tiny"     # the same graft, from a 2-step width-4 ResNet
   c.model.d_model = 16
   c.model.num_heads = 2

@@ -30,7 +30,7 @@ COCO presets read a COCO-format folder with `segmentation` annotations (`--confi
 
 from ml_collections.config_dict import placeholder
 
-from cvjax.train.config import base_config, select_preset, shapes_detection_run, tiny_run
+from cvjax.train.config import base_config, detection_dataset, select_preset, shapes_detection_run, detection_tiny_run
 
 COCO_TRAIN_IMAGES = 118_287
 # torchvision's trainable_backbone_layers=3: the stem and layer1 keep their (ImageNet) weights.
@@ -69,11 +69,7 @@ def default(c):
 
 def tiny(c):
   _shapes(c, steps=2)
-  tiny_run(c)
-  c.dataset.config_name = "detection_32"
-  c.dataset.image_size = 32
-  c.dataset.max_boxes = 4
-  c.model.backbone_width = 4
+  detection_tiny_run(c)
   c.model.fpn_channels = 8
   c.model.anchor_sizes = ((4,), (8,), (16,), (32,), (64,))
   c.model.representation_size = 16
@@ -85,6 +81,9 @@ def tiny(c):
   c.model.rpn_batch_size_per_image = 32
   c.model.box_batch_size_per_image = 16
   c.model.box_detections_per_img = 8
+  # One compiled size for the mask branch (the default's 4 buckets compile it 4 times); the buckets' outputs
+  # equal it (tests/models/detection/test_rcnn.py).
+  c.model.mask_roi_buckets = 1
 
 
 def _coco(c, steps: int, boundaries):
@@ -138,17 +137,7 @@ def rcnn_config(arg=None, masks: bool = True, presets=None):
   c.name = "mask_rcnn" if masks else "faster_rcnn"
   c.task.name = "rcnn"
   c.task.num_visualizations = 4
-  c.dataset.config_name = ""
-  c.dataset.masks = masks
-  c.dataset.image_size = 64
-  c.dataset.max_boxes = 100
-  # Unset (letterbox to image_size) on shapes; the COCO presets resize the shorter side to 800 (max 1333).
-  # (Typed placeholders: ml_collections cannot override a None field from the command line.)
-  c.dataset.scales = placeholder(tuple)
-  c.dataset.max_size = placeholder(int)
-  c.dataset.eval_scale = placeholder(int)
-  c.dataset.crop_prob = placeholder(float)
-  c.dataset.path = placeholder(str)
+  detection_dataset(c, masks=masks)   # letterboxed to 64 on shapes; COCO presets set scales
   c.model.name = "maskrcnn_resnet50_fpn" if masks else "fasterrcnn_resnet50_fpn"
   c.model.num_classes = 0               # 0: taken from the dataset
   c.model.backbone_width = 64

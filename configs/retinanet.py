@@ -26,9 +26,7 @@ COCO reads TFDS `coco/2017` or a COCO-format folder (`--config.dataset.name=coco
 --config.dataset.path=<root>`) when prepared; nothing is downloaded.
 """
 
-from ml_collections.config_dict import placeholder
-
-from cvjax.train.config import base_config, select_preset, shapes_detection_run, tiny_run
+from cvjax.train.config import base_config, detection_dataset, select_preset, shapes_detection_run, detection_tiny_run
 
 BACKBONE_FROZEN = ("backbone/conv1/.*", "backbone/bn1/.*", "backbone/layer1_.*")
 
@@ -56,11 +54,7 @@ def default(c):
 
 def tiny(c):
   _shapes(c, steps=2)
-  tiny_run(c)
-  c.dataset.config_name = "detection_32"
-  c.dataset.image_size = 32
-  c.dataset.max_boxes = 4
-  c.model.backbone_width = 4
+  detection_tiny_run(c)
   c.model.fpn_channels = 8
   c.model.head_convs = 1
   c.model.anchor_sizes = ((6, 8, 10), (12, 15, 19), (24, 30, 38))
@@ -105,17 +99,7 @@ def get_config(arg=None):
   c.task.box_loss = "l1"
   c.task.box_beta = 1.0
   c.task.num_visualizations = 4
-  c.dataset.task = "detection"
-  c.dataset.config_name = ""
-  c.dataset.masks = False
-  c.dataset.image_size = 64
-  c.dataset.max_boxes = 100
-  # Unset (letterbox to image_size) on shapes; the COCO preset resizes the shorter side to 800 (max 1333).
-  c.dataset.scales = placeholder(tuple)
-  c.dataset.max_size = placeholder(int)
-  c.dataset.eval_scale = placeholder(int)
-  c.dataset.crop_prob = placeholder(float)
-  c.dataset.path = placeholder(str)
+  detection_dataset(c, masks=False)   # letterboxed to 64 on shapes; COCO presets set scales
   c.model.name = "retinanet_resnet50_fpn"
   c.model.num_classes = 0               # 0: taken from the dataset
   c.model.backbone_width = 64

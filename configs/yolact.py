@@ -24,9 +24,7 @@ COCO reads a COCO-format folder with `segmentation` annotations (`--config.datas
 --config.dataset.path=<root>`); nothing is downloaded.
 """
 
-from ml_collections.config_dict import placeholder
-
-from cvjax.train.config import base_config, select_preset, shapes_detection_run, tiny_run
+from cvjax.train.config import base_config, detection_dataset, select_preset, shapes_detection_run, detection_tiny_run
 
 
 def _shapes(c, steps: int):
@@ -53,11 +51,7 @@ def default(c):
 
 def tiny(c):
   _shapes(c, steps=2)
-  tiny_run(c)
-  c.dataset.config_name = "detection_32"
-  c.dataset.image_size = 32
-  c.dataset.max_boxes = 4
-  c.model.backbone_width = 4
+  detection_tiny_run(c)
   c.model.fpn_channels = 8
   c.model.anchor_sizes = ((6, 8, 10), (12, 15, 19), (24, 30, 38))
   c.model.proto_channels = 8
@@ -101,17 +95,7 @@ def get_config(arg=None):
   c.task.mask_weight = 6.125
   c.task.semantic_weight = 1.0
   c.task.num_visualizations = 4
-  c.dataset.task = "detection"
-  c.dataset.config_name = ""
-  c.dataset.masks = True
-  c.dataset.image_size = 64
-  c.dataset.max_boxes = 100
-  # Unset (letterbox to image_size, YOLACT's square 550 input on COCO too).
-  c.dataset.scales = placeholder(tuple)
-  c.dataset.max_size = placeholder(int)
-  c.dataset.eval_scale = placeholder(int)
-  c.dataset.crop_prob = placeholder(float)
-  c.dataset.path = placeholder(str)
+  detection_dataset(c, masks=True)   # letterboxed to 64 on shapes; COCO presets set scales
   c.model.name = "yolact_resnet101_fpn"
   c.model.num_classes = 0               # 0: taken from the dataset
   c.model.backbone_width = 64

@@ -131,6 +131,33 @@ def tiny_run(c: ml_collections.ConfigDict) -> None:
   c.progress_bar = False
 
 
+def detection_dataset(c: ml_collections.ConfigDict, masks: bool) -> None:
+  """The dataset keys of the anchor detectors' configs (R-CNN, RetinaNet, YOLACT): detection with or without
+  instance ``masks``, letterboxed to ``image_size`` 64 with up to 100 boxes. ``scales`` / ``max_size`` /
+  ``eval_scale`` / ``crop_prob`` (COCO's shorter-side resizing) and ``path`` (a COCO folder) are unset: typed
+  placeholders, since ml_collections cannot override a None field from the command line."""
+  c.dataset.task = "detection"
+  c.dataset.config_name = ""
+  c.dataset.masks = masks
+  c.dataset.image_size = 64
+  c.dataset.max_boxes = 100
+  c.dataset.scales = placeholder(tuple)
+  c.dataset.max_size = placeholder(int)
+  c.dataset.eval_scale = placeholder(int)
+  c.dataset.crop_prob = placeholder(float)
+  c.dataset.path = placeholder(str)
+
+
+def detection_tiny_run(c: ml_collections.ConfigDict) -> None:
+  """``tiny_run`` with the detectors' tiny data and backbone: generated `shapes` detection at 32x32 with up to
+  4 boxes, backbone width 4. Families shrink the rest of their model themselves."""
+  tiny_run(c)
+  c.dataset.config_name = "detection_32"
+  c.dataset.image_size = 32
+  c.dataset.max_boxes = 4
+  c.model.backbone_width = 4
+
+
 def shapes_detection_run(c: ml_collections.ConfigDict, steps: int, batch_size: int = 16) -> None:
   """The data and schedule of the detectors' CPU `default` presets: generated `shapes` detection at 64x64
   (up to 8 boxes), trained from scratch with AdamW 1e-3 (weight decay 1e-4, 100 warm-up steps, cosine,

@@ -19,7 +19,8 @@ Backbones (``network``):
 ``darknet_width`` multiplies the Darknet channels (CPU variants); ``batch_norm`` adds batch norm after each
 Darknet conv (the 2016 paper has none, darknet's later ``yolov1.cfg`` has it; it lets a network train from
 scratch). The fully connected head reads the flattened final map whatever its size, so the grid is ``S``
-for any input size.
+for any input size; the optional convolutional head (``head='conv'``, a CPU-scale variant) predicts each cell
+from its own location of a map that must be ``S x S``.
 
 Training targets (``yolo_v1_targets``): an object belongs to the cell holding its centre; a cell holds at most
 one object (the largest when several centres fall in it, a YOLOv1 limitation); of that cell's B predictors the
@@ -47,6 +48,7 @@ from cvjax.ops.boxes import box_convert, elementwise_box_iou
 from cvjax.ops.nms import batched_nms
 
 NETWORKS = ("darknet24", "fast", "resnet")
+HEADS = ("fc", "conv")
 # (kernel, channels, stride) per conv; "M" a 2x2/2 max pool.
 DARKNET24 = ((7, 64, 2), "M", (3, 192, 1), "M", (1, 128, 1), (3, 256, 1), (1, 256, 1), (3, 512, 1), "M",
              *((1, 256, 1), (3, 512, 1)) * 4, (1, 512, 1), (3, 1024, 1), "M",
@@ -151,7 +153,12 @@ class YOLOv1(BackboneFeatures):
     network: ``'darknet24'`` | ``'fast'`` | ``'resnet'`` (module docstring); ``darknet_width``, ``batch_norm``.
     backbone_*: the ResNet when ``network='resnet'`` (``BackboneFeatures``); ``feature_level`` the ResNet map
       the head reads (2..5 for C2..C5; None: C5).
-    hidden_size, dropout_rate: the first fully connected layer (4096) and the dropout after it (0.5).
+    head: ``'fc'``, the paper's two fully connected layers (``hidden_size`` 4096 units, then dropout, then
+      ``S * S * (5 B + C)`` outputs), or ``'conv'``: ``head_convs`` 3x3 convs of ``hidden_size`` channels
+      (leaky ReLU), dropout, and a 1x1 conv to ``5 B + C`` per cell, on a backbone map that is the ``S x S``
+      grid itself (a CPU-scale variant: each cell is predicted from its own receptive field, not from one
+      flattened vector; the outputs, targets and loss are the paper's).
+    dropout_rate: the dropout before the output layer (0.5).
     rescore: confidence target = IoU (True, the paper) or 1.
     score_thresh, nms_thresh, detections_per_img: inference on the class-specific confidences
       ``Pr(class | object) * confidence``: threshold, class-aware NMS, top detections.
@@ -162,7 +169,9 @@ class YOLOv1(BackboneFeatures):
   network: str = "darknet24"
   darknet_width: float = 1.0
   batch_norm: bool = True
+  head: str = "fc"
   hidden_size: int = 4096
+  head_convs: int = 2
   dropout_rate: float = 0.5
   rescore: bool = True
   feature_level: Optional[int] = None
@@ -201,13 +210,28 @@ class YOLOv1(BackboneFeatures):
     else:
       x = Darknet(DARKNET_SPECS[self.network], self.darknet_width, self.batch_norm, self.backbone_layer_impl,
                   self.dtype, name="backbone")(images, train)
-    x = x.reshape(x.shape[0], -1).astype(jnp.float32)
-    x = nn.leaky_relu(nn.Dense(self.hidden_size, name="fc1")(x), 0.1)
-    x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
     grid, per_cell = self.grid_size, 5 * self.boxes_per_cell + self.num_classes
     # A small output init keeps the first steps' sum-squared errors (and their gradients) moderate.
-    predictions = nn.Dense(grid * grid * per_cell, kernel_init=nn.initializers.normal(0.01),
-                           name="fc2")(x).reshape(-1, grid, grid, per_cell)
+    out_init = nn.initializers.normal(0.01)
+    x = x.astype(jnp.float32)
+    if self.head == "fc":
+      x = x.reshape(x.shape[0], -1)
+      x = nn.leaky_relu(nn.Dense(self.hidden_size, name="fc1")(x), 0.1)
+      x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+      predictions = nn.Dense(grid * grid * per_cell, kernel_init=out_init, name="fc2")(x).reshape(
+          -1, grid, grid, per_cell)
+    elif self.head == "conv":
+      if x.shape[1:3] != (grid, grid):
+        raise ValueError(f"the conv head needs the backbone map to be the {grid}x{grid} grid, got "
+                         f"{x.shape[1:3]}: choose grid_size, feature_level or the input size to match")
+      for i in range(self.head_convs):
+        x = nn.leaky_relu(layers.Conv(self.hidden_size, 3, padding=1, impl=self.backbone_layer_impl,
+                                      name=f"head_conv{i}")(x), 0.1)
+      x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+      predictions = layers.Conv(per_cell, 1, padding=0, kernel_init=out_init, impl=self.backbone_layer_impl,
+                                name="head_out")(x)
+    else:
+      raise ValueError(f"head must be one of {HEADS}, got {self.head!r}")
     pred_boxes = decode_cells(predictions, self.boxes_per_cell, (height, width))
     confidence = predictions[..., 4:5 * self.boxes_per_cell:5]
     class_scores = predictions[..., 5 * self.boxes_per_cell:]

@@ -182,3 +182,28 @@ def test_bad_inputs_are_named():
     init(model.clone(network="vgg"), (1, SIZE, SIZE, 3), False)
   with pytest.raises(ValueError, match="gt_boxes"):
     init(model, (1, SIZE, SIZE, 3), True)
+  with pytest.raises(ValueError, match="head must be"):
+    init(model.clone(head="mlp"), (1, SIZE, SIZE, 3), False)
+  with pytest.raises(ValueError, match="feature_level"):
+    init(model.clone(feature_level=6), (1, SIZE, SIZE, 3), False)
+  # The conv head needs the map to be the grid: C3 of a 32x32 image is 4x4, not 7x7.
+  with pytest.raises(ValueError, match="4x4|\\(4, 4\\)"):
+    init(model.clone(head="conv", feature_level=3), (1, SIZE, SIZE, 3), False)
+
+
+def test_conv_head_predicts_every_cell_with_the_same_weights():
+  """``head='conv'`` on C3 (stride 8: a 4x4 grid at 32x32) gives the paper's per-cell tensor with weights
+  shared over the cells: the same parameters run a 64x64 image on an 8x8 grid, where a constant image gives
+  every interior cell the same prediction."""
+  model = create_model("yolov1_resnet18", **dict(TINY, head="conv", feature_level=3, grid_size=4, head_convs=1))
+  variables = jax.jit(functools.partial(model.init, train=False))(jax.random.PRNGKey(0),
+                                                                  jnp.zeros((1, SIZE, SIZE, 3)))
+  assert "fc1" not in variables["params"] and variables["params"]["head_out"]["kernel"].shape[:2] == (1, 1)
+  small = jax.jit(functools.partial(model.apply, train=False))(variables, _images()[:1])
+  assert small["predictions"].shape == (1, 4, 4, 5 * B + CLASSES) and _finite(small)
+  large = jax.jit(functools.partial(model.clone(grid_size=8).apply, train=False))(
+      variables, jnp.zeros((1, 2 * SIZE, 2 * SIZE, 3)))
+  assert large["predictions"].shape == (1, 8, 8, 5 * B + CLASSES)
+  # A constant image gives the same prediction in every interior cell (translation equivariance).
+  inner = np.asarray(large["predictions"][0, 2:6, 2:6])
+  np.testing.assert_allclose(inner, np.broadcast_to(inner[:1, :1], inner.shape), atol=1e-5)
