@@ -179,6 +179,12 @@ class Yolact(AnchorPyramid):
     """
     if images.ndim != 4:
       raise ValueError(f"Yolact expects NHWC images [B, H, W, 3], got shape {images.shape}")
+    if train:
+      if gt_boxes is None or gt_labels is None or gt_valid is None or gt_masks is None:
+        raise ValueError("Yolact in training needs gt_boxes, gt_labels, gt_valid and gt_masks")
+      if gt_masks.shape[:2] != gt_boxes.shape[:2] or gt_masks.shape[2:] != images.shape[1:3]:
+        raise ValueError(f"gt_masks must be [B, M, H, W] = {gt_boxes.shape[:2] + images.shape[1:3]} (the boxes' "
+                         f"objects, the image frame), got {gt_masks.shape}")
     levels, maps = self._pyramid(images, train)
     if self.proto_level not in levels:
       raise ValueError(f"proto_level {self.proto_level} is not one of the pyramid levels {levels}")
@@ -195,11 +201,6 @@ class Yolact(AnchorPyramid):
       segm_logits = layers.Conv(self.num_classes, 1, padding=0, kernel_init=_init, impl=self.backbone_layer_impl,
                                 name="semantic_seg_conv")(proto_map)
     if train:
-      if gt_boxes is None or gt_labels is None or gt_valid is None or gt_masks is None:
-        raise ValueError("Yolact in training needs gt_boxes, gt_labels, gt_valid and gt_masks")
-      if gt_masks.shape[:2] != gt_boxes.shape[:2] or gt_masks.shape[2:] != images.shape[1:3]:
-        raise ValueError(f"gt_masks must be [B, M, H, W] = {gt_boxes.shape[:2] + images.shape[1:3]} (the boxes' "
-                         f"objects, the image frame), got {gt_masks.shape}")
       labels, targets, matched = self._anchor_targets(anchors, gt_boxes, gt_labels, gt_valid, BOX_WEIGHTS)
       outputs.update(anchor_labels=labels, box_targets=targets, segm_logits=segm_logits)
       outputs.update(self._mask_targets(prototypes, coeffs, labels, matched, gt_boxes.astype(jnp.float32),

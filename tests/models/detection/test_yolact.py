@@ -253,3 +253,6 @@ def test_training_without_masks_is_an_error(model_and_variables):
   with pytest.raises(ValueError, match="gt_masks"):
     model.apply(variables, random_images(SIZE), train=True, mutable=["batch_stats"],
                 rngs={"sample": jax.random.PRNGKey(0)}, **targets)
+  with pytest.raises(ValueError, match=r"gt_masks must be \[B, M, H, W\]"):
+    model.apply(variables, random_images(SIZE), train=True, mutable=["batch_stats"],
+                rngs={"sample": jax.random.PRNGKey(0)}, gt_masks=jnp.zeros((2, MAX_BOXES, 16, 16)), **targets)
