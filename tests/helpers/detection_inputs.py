@@ -1,4 +1,6 @@
-"""Inputs the detector tests share: padded ground truth, random images, a finiteness check."""
+"""Inputs the detector tests share: padded ground truth, random images, a finiteness check, a jitted init."""
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -24,3 +26,13 @@ def random_images(size: int, batch: int = 2, seed: int = 0):
 
 def all_finite(tree) -> bool:
   return all(bool(jnp.isfinite(x).all()) for x in jax.tree_util.tree_leaves(tree))
+
+
+def init_detector(name: str, size: int, batch: int = 2, **kwargs):
+  """``(model, variables)``: ``create_model(name, **kwargs)`` initialised (jitted, eval mode, seed 0) on
+  ``[batch, size, size, 3]`` zeros."""
+  from cvjax.models import create_model  # pylint: disable=import-outside-toplevel
+  model = create_model(name, **kwargs)
+  variables = jax.jit(functools.partial(model.init, train=False))(jax.random.PRNGKey(0),
+                                                                  jnp.zeros((batch, size, size, 3)))
+  return model, variables

@@ -65,5 +65,8 @@ class BackboneFeatures(nn.Module):
               for i in range(len(self.swin_depths))]
     else:
       raise ValueError(f"backbone must be one of {BACKBONES}, got {self.backbone!r}")
-    height = images.shape[1]
-    return {int(round(np.log2(height / m.shape[1]))): m.astype(jnp.float32) for m in maps}
+    # Consecutive stages halve the map: the first one's stride names the levels (C2 at stride 4, or at stride 1
+    # with the CIFAR stem). Rounding log2 of every map's own ratio would let two stages collide when the image
+    # side is not a multiple of 32 (36 px: C4 and C5 are 3 and 2 px, both "level 4").
+    first = int(round(np.log2(images.shape[1] / maps[0].shape[1])))
+    return {first + i: m.astype(jnp.float32) for i, m in enumerate(maps)}

@@ -78,6 +78,14 @@ def downsample_masks(masks: jnp.ndarray, factor: int) -> jnp.ndarray:
   return masks.reshape(shape).mean((-3, -1))
 
 
+def _fit(maps: jnp.ndarray, hw: Sequence[int]) -> jnp.ndarray:
+  """Crops or zero-pads the last two axes of ``maps`` to ``hw`` (a strided map's size can differ by one from
+  ``ceil(H / stride)`` when ``H`` is not a multiple of the stride)."""
+  h, w = hw
+  pad = [(0, 0)] * (maps.ndim - 2) + [(0, max(h - maps.shape[-2], 0)), (0, max(w - maps.shape[-1], 0))]
+  return jnp.pad(maps, pad)[..., :h, :w]
+
+
 class ProtoNet(nn.Module):
   """YOLACT's protonet: ``num_convs`` 3x3 convs + ReLU, bilinear x2 (half-pixel centres, PyTorch's
   ``align_corners=False``), a 3x3 conv + ReLU, a 1x1 conv to ``num_prototypes`` + ReLU.
@@ -196,7 +204,8 @@ class Yolact(AnchorPyramid):
     anchors, _ = self._anchors(images.shape[1:3], maps)
     outputs = {"cls_logits": logits, "bbox_regression": deltas, "mask_coefficients": coeffs,
                "prototypes": prototypes, "anchors": anchors}
-    stride = images.shape[1] // prototypes.shape[1]
+    # Powers of two by construction (the FPN level, x2 upsampled), also when H is not a multiple of the stride.
+    stride = 2 ** (self.proto_level - 1)
     if train or self.is_initializing():  # the auxiliary head exists in every mode; it runs in training only
       segm_logits = layers.Conv(self.num_classes, 1, padding=0, kernel_init=_init, impl=self.backbone_layer_impl,
                                 name="semantic_seg_conv")(proto_map)
@@ -205,8 +214,8 @@ class Yolact(AnchorPyramid):
       outputs.update(anchor_labels=labels, box_targets=targets, segm_logits=segm_logits)
       outputs.update(self._mask_targets(prototypes, coeffs, labels, matched, gt_boxes.astype(jnp.float32),
                                         gt_masks, stride))
-      outputs["segm_targets"] = self._semantic_targets(gt_masks, gt_labels, gt_valid, images.shape[1]
-                                                       // proto_map.shape[1])
+      outputs["segm_targets"] = self._semantic_targets(gt_masks, gt_labels, gt_valid, 2 ** self.proto_level,
+                                                       proto_map.shape[1:3])
       return outputs
     sizes = image_sizes(pixel_mask, images.shape[:3])
     outputs.update(jax.vmap(functools.partial(self._detect, anchors, stride))(
@@ -225,10 +234,7 @@ class Yolact(AnchorPyramid):
     valid = take(positive)
     objects = take(matched)
     mask_logits = jnp.einsum("bhwk,bpk->bphw", prototypes, take(coeffs))
-    small = downsample_masks(gt_masks, stride)  # [B, M, Hp', Wp']
-    hp, wp = prototypes.shape[1:3]
-    small = jnp.pad(small, ((0, 0), (0, 0), (0, max(hp - small.shape[2], 0)), (0, max(wp - small.shape[3], 0))))
-    small = small[:, :, :hp, :wp]
+    small = _fit(downsample_masks(gt_masks, stride), prototypes.shape[1:3])  # [B, M, Hp, Wp]
     mask_targets = (jnp.take_along_axis(small, objects[:, :, None, None], 1) > 0.5).astype(jnp.float32)
     boxes = jnp.take_along_axis(gt_boxes, objects[:, :, None], 1) / stride
     crop = crop_masks(jnp.ones_like(mask_logits), boxes)
@@ -237,9 +243,9 @@ class Yolact(AnchorPyramid):
             "mask_box_area": jnp.where(valid, area, 1.0), "mask_valid": valid,
             "num_positive": positive.sum(-1)}
 
-  def _semantic_targets(self, gt_masks, gt_labels, gt_valid, stride):
+  def _semantic_targets(self, gt_masks, gt_labels, gt_valid, stride, map_hw):
     """``[B, Hs, Ws, C]``: per class, the union of its objects' masks downsampled (> 0.5) to the map."""
-    small = downsample_masks(gt_masks, stride) > 0.5  # [B, M, Hs, Ws]
+    small = _fit(downsample_masks(gt_masks, stride), map_hw) > 0.5  # [B, M, Hs, Ws]
     onehot = jax.nn.one_hot(gt_labels, self.num_classes, dtype=bool) & gt_valid[..., None]  # [B, M, C]
     return (small[:, :, :, :, None] & onehot[:, :, None, None, :]).any(1).astype(jnp.float32)
 

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from detection_inputs import all_finite as _finite, padded_targets, random_images
+from detection_inputs import all_finite as _finite, padded_targets, random_images, init_detector
 
 from cvjax.models import create_model
 from cvjax.ops.proposals import BETWEEN_THRESHOLDS
@@ -32,10 +32,7 @@ def _images(seed=0):
 
 @pytest.fixture(scope="module")
 def model_and_variables():
-  model = create_model("retinanet_resnet18_fpn", **TINY)
-  variables = jax.jit(functools.partial(model.init, train=False))(jax.random.PRNGKey(0),
-                                                                  jnp.zeros((2, SIZE, SIZE, 3)))
-  return model, variables
+  return init_detector("retinanet_resnet18_fpn", SIZE, **TINY)
 
 
 @pytest.fixture(scope="module")

@@ -8,9 +8,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from detection_inputs import all_finite, padded_targets, random_images
+from detection_inputs import all_finite, padded_targets, random_images, init_detector
 
-from cvjax.models import create_model
 from cvjax.models.detection.yolact import ProtoNet, crop_masks, downsample_masks
 from cvjax.tasks.yolact import hard_negatives, yolact_losses
 
@@ -35,10 +34,7 @@ def _targets(boxes_per_image):
 
 @pytest.fixture(scope="module")
 def model_and_variables():
-  model = create_model("yolact_resnet18_fpn", **TINY)
-  variables = jax.jit(functools.partial(model.init, train=False))(jax.random.PRNGKey(0),
-                                                                  jnp.zeros((2, SIZE, SIZE, 3)))
-  return model, variables
+  return init_detector("yolact_resnet18_fpn", SIZE, **TINY)
 
 
 @pytest.fixture(scope="module")
@@ -256,3 +252,20 @@ def test_training_without_masks_is_an_error(model_and_variables):
   with pytest.raises(ValueError, match=r"gt_masks must be \[B, M, H, W\]"):
     model.apply(variables, random_images(SIZE), train=True, mutable=["batch_stats"],
                 rngs={"sample": jax.random.PRNGKey(0)}, gt_masks=jnp.zeros((2, MAX_BOXES, 16, 16)), **targets)
+
+
+@pytest.mark.parametrize("size", [36, 550])
+def test_targets_match_the_maps_when_the_size_is_not_a_multiple_of_the_strides(model_and_variables, size):
+  """Sides that are not multiples of 32 (36: C2..C5 are 9, 5, 3, 2 px; 550, the paper's: 138 .. 18): the
+  backbone's levels stay distinct, the prototype stride stays 2 and the mask and semantic targets have exactly
+  their logits' shapes (shape-only trace)."""
+  model, variables = model_and_variables
+  targets = padded_targets(BOXES, MAX_BOXES, CLASSES)
+  outputs, _ = jax.eval_shape(
+      functools.partial(model.apply, train=True, mutable=["batch_stats"]), variables,
+      jnp.zeros((2, size, size, 3)), rngs={"sample": jax.random.PRNGKey(0)},
+      gt_masks=jnp.zeros((2, MAX_BOXES, size, size), jnp.uint8), **targets)
+  assert outputs["mask_targets"].shape == outputs["mask_logits"].shape
+  assert outputs["mask_crop"].shape == outputs["mask_logits"].shape
+  assert outputs["segm_targets"].shape == outputs["segm_logits"].shape
+  assert outputs["mask_logits"].shape[2:] == (2 * outputs["segm_logits"].shape[1],) * 2
