@@ -41,6 +41,8 @@ setup(
     ],
     extras_require={
         # torch is pinned to the CPU build that the project's machines carry as a local wheel.
-        "test": ["pytest>=8.0", "pytest-xdist>=3.5", "torch==2.13.0", "torchvision==0.28.0", "transformers>=5.9"],
+        # torchmetrics: the segmentation metrics' reference (tests/evaluation/test_segmentation_metrics.py).
+        "test": ["pytest>=8.0", "pytest-xdist>=3.5", "torch==2.13.0", "torchvision==0.28.0", "transformers>=5.9",
+                 "torchmetrics==1.9.0"],
     },
 )

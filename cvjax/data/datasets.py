@@ -6,6 +6,7 @@ Every entry is a factory `(dataset_config, data_dir, split) -> DatasetSource`. S
 `cvjax.data.preprocessing.decode_image` decodes them where errors can name the record. `parse` maps a raw
 record to the canonical form the pipeline consumes:
   classification: {'image': bytes, 'label': int}
+  segmentation:   see `cvjax.data.segmentation_datasets` ('image', 'label_map', optionally 'instance_map')
   detection:      {'image': bytes, 'boxes': float32 [N, 4] normalised (ymin, xmin, ymax, xmax),
                    'labels': int32 [N] contiguous 0..K-1, 'image_id': int, optionally 'area': float32 [N]
                    (annotation areas in original pixels) and 'file_name' (str, named in messages); with
@@ -40,7 +41,7 @@ class DatasetSource:
   Attributes:
     name: how errors name the dataset, e.g. 'shapes/classification_32' or 'coco/2017'.
     split: the TFDS split string read.
-    task: 'classification' or 'detection'.
+    task: 'classification', 'detection' or 'segmentation'.
     records: random access (`len`, `[i]`) to raw TFDS records of the split.
     parse: raw record -> canonical record (module docstring).
     class_names: names of the label values, in order.
@@ -57,6 +58,8 @@ class DatasetSource:
     skip_corrupt: skip undecodable images with a warning instead of failing (user folders; TFDS datasets
       were checked when prepared, so a bad record there is an error).
     masks: detection: parsed records carry 'masks' (the config asked for them and the dataset has them).
+    panoptic: segmentation: parsed records carry 'instance_map' (panoptic segmentation).
+    things: segmentation: the label values that are things (countable instances); the rest are stuff.
   """
 
   name: str
@@ -74,6 +77,8 @@ class DatasetSource:
   ground_truth: Callable[[], dict] | None = None
   skip_corrupt: bool = False
   masks: bool = False
+  panoptic: bool = False
+  things: tuple[int, ...] = ()
 
 
 # Original COCO category ids of TFDS coco/2014 and coco/2017's 80 labels (TFDS keeps the json's sorted order).
@@ -256,9 +261,11 @@ def _shapes(dataset_config, data_dir: str, split: str) -> DatasetSource:
   """The generated `shapes` dataset; prepared into data_dir on first use (see `cvjax.data.shapes`).
 
   Detection configs give instance masks (`objects/mask`, the visible part of each shape) with
-  `config.dataset.masks`.
+  `config.dataset.masks`, and their label maps for task 'segmentation' (`segmentation_datasets`).
   """
   task = _option(dataset_config, 'task', 'classification')
+  if task == 'segmentation':
+    return segmentation_datasets.shapes_segmentation(dataset_config, data_dir, split)
   default_config = {'classification': 'classification_32', 'detection': 'detection_64'}.get(task)
   config = shapes.shapes_config(
       _option(dataset_config, 'config_name', default_config),
@@ -276,3 +283,7 @@ def _shapes(dataset_config, data_dir: str, split: str) -> DatasetSource:
       name=name, split=split, task=config.task, records=_data_source(builder, name, split), parse=parse,
       class_names=shapes.CLASS_NAMES, image_size=config.image_size, crop_scale=(0.35, 1.0),
       max_boxes=config.max_objects, masks=masks)
+
+
+# At the end: the segmentation sources register into DATASETS and build on the helpers above.
+from cvjax.data import segmentation_datasets  # noqa: E402  pylint: disable=wrong-import-position

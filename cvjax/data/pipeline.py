@@ -20,6 +20,9 @@ Batches are dicts of NumPy arrays with leading dim `config.batch_size // process
     (H, W) is S x S when letterboxing (no `scales`); with DETR multi-scale resizing it is the smallest of
     `buckets` that holds every image of the batch (see `cvjax.data.batching`), or with several processes
     always the largest bucket (one shape per run: processes never exchange shapes).
+  segmentation: image float32 [b, S, S, 3], label_map int32 [b, S, S] (class per pixel, 255 = ignore, also on
+    letterbox padding and padding rows), image_id int32 [b], mask bool [b]; with `config.dataset.panoptic`
+    also panoptic int32 [b, S, S, 2] (category, instance id; see `cvjax.data.segmentation_transforms`).
 
 Folder datasets (`DatasetSource.skip_corrupt`) skip undecodable images with one warning per file: training
 streams filter them out (epochs are a little shorter; the resumable position counts examples read), and
@@ -38,7 +41,7 @@ import grain
 import numpy as np
 from absl import logging
 
-from cvjax.data import batching, preprocessing
+from cvjax.data import batching, preprocessing, segmentation_transforms
 from cvjax.data.datasets import DATASETS, DatasetSource
 
 _SHUFFLE_STREAM, _AUGMENT_STREAM = 0, 1
@@ -185,13 +188,14 @@ class Pipeline:
     per_process_batch_size: leading dim of every batch.
 
   Keys read from `config.dataset` (None or absent = the default):
-    name (str), task ('classification' | 'detection'), config_name (TFDS builder config),
+    name (str), task ('classification' | 'detection' | 'segmentation'), config_name (TFDS builder config),
     image_size (int, model input side; default: the dataset's native/usual size),
     augment (bool, True; training only), crop_scale ((lo, hi), dataset default), crop_ratio ((lo, hi),
     (3/4, 4/3)), flip (bool, dataset default), eval_crop_fraction (float, dataset default),
     max_boxes (int, dataset default), num_threads (int, 2), prefetch (int, 4 batches),
     masks (bool, False; detection: batches also carry instance `masks`, see the module docstring; `shapes`
     detection configs and `coco_folder` with `segmentation` have them, TFDS `coco` has none and refuses it),
+    panoptic (bool, False; segmentation: batches also carry `panoptic` maps),
     for `shapes` only: num_examples ({split: count}), generation_seed (int, 0),
     for `coco_folder` only: path (str), folders ({split: (images_dir, annotation_file)}).
   Classification, paper augmentation (`preprocessing.classification_image`; unset/None, () or 0 = off):
@@ -228,6 +232,11 @@ class Pipeline:
                        f'{process_count} processes')
     image_size = int(_option(dataset_config, 'image_size', source.image_size))
     masks = bool(_option(dataset_config, 'masks', False))
+    panoptic = bool(_option(dataset_config, 'panoptic', False))
+    if panoptic and not source.panoptic:
+      raise ValueError(f'config.dataset.panoptic=True, but dataset {source.name!r} gives no instance maps; '
+                       'shapes (task segmentation) and coco_panoptic do')
+    self._panoptic = panoptic
     if masks and source.task != 'detection':
       raise ValueError(f'config.dataset.masks (instance masks) applies to detection, not {source.task}')
     if masks and not source.masks:
@@ -258,7 +267,7 @@ class Pipeline:
 
   @property
   def task(self) -> str:
-    """'classification' or 'detection': the form of the batches (module docstring)."""
+    """'classification', 'detection' or 'segmentation': the form of the batches (module docstring)."""
     return self._source.task
 
   @property
@@ -275,6 +284,11 @@ class Pipeline:
   def num_examples(self) -> int:
     """Examples in this split, over all processes."""
     return len(self._source.records)
+
+  @property
+  def things(self) -> tuple[int, ...]:
+    """Segmentation: the label values that are things (countable instances); the others are stuff."""
+    return self._source.things
 
   @property
   def category_ids(self) -> tuple[int, ...] | None:
@@ -329,6 +343,12 @@ class Pipeline:
     if self.task == 'classification':
       return {'image': preprocessing.classification_image(image, rng, self.options),
               'label': np.int32(record['label']), 'mask': np.bool_(True)}
+    if self.task == 'segmentation':
+      example = segmentation_transforms.segmentation_example(
+          image, record['label_map'], rng, self.options,
+          instance_map=record['instance_map'] if self._panoptic else None)
+      example.update(image_id=np.int32(record.get('image_id', index)), mask=np.bool_(True))
+      return example
     example, dropped = preprocessing.detection_example(
         image, record['boxes'], record['labels'], rng, self.options, area=record.get('area'),
         masks=record['masks'] if self.options.masks else None)
@@ -380,7 +400,8 @@ class Pipeline:
 
   def _eval_dataset(self) -> grain.IterDataset:
     start, stop = self._shard
-    padding = preprocessing.padding_example(self.task, self.options)
+    padding = (segmentation_transforms.padding_example(self.options, self._panoptic)
+               if self.task == 'segmentation' else preprocessing.padding_example(self.task, self.options))
 
     def example(local_index: int) -> dict:
       if start + local_index >= stop:

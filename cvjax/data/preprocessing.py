@@ -109,7 +109,7 @@ def decode_image(data: bytes, where: str) -> np.ndarray:
     raise ImageDecodeError(f'{where}: cannot decode the image ({len(data)} bytes): {error}') from error
 
 
-def _resize(image: np.ndarray, box: tuple[float, float, float, float], size: tuple[int, int]) -> np.ndarray:
+def resize_window(image: np.ndarray, box: tuple[float, float, float, float], size: tuple[int, int]) -> np.ndarray:
   """Resamples the window `box` = (x0, y0, x1, y1) of uint8 `image` to `size` = (height, width), bilinear.
 
   PIL's bilinear filter widens its support when downsampling, i.e. it antialiases like torchvision's
@@ -184,7 +184,7 @@ def _resized_window(image: np.ndarray, resized: tuple[int, int], top_left: tuple
   h, w = image.shape[:2]
   sy, sx = h / resized[0], w / resized[1]
   y0, x0 = top_left
-  return _resize(image, (x0 * sx, y0 * sy, (x0 + size) * sx, (y0 + size) * sy), (size, size))
+  return resize_window(image, (x0 * sx, y0 * sy, (x0 + size) * sx, (y0 + size) * sy), (size, size))
 
 
 def classification_image(image: np.ndarray, rng: np.random.Generator | None, options: Options) -> np.ndarray:
@@ -211,7 +211,7 @@ def classification_image(image: np.ndarray, rng: np.random.Generator | None, opt
       image = _resized_window(image, resized, top_left, size)
     else:
       box = random_resized_crop_box(rng, h, w, options.crop_scale, options.crop_ratio)
-      image = _resize(image, box, (size, size))
+      image = resize_window(image, box, (size, size))
     if options.flip and rng.random() < 0.5:
       image = image[:, ::-1]
     if options.pca_lighting:
@@ -220,7 +220,7 @@ def classification_image(image: np.ndarray, rng: np.random.Generator | None, opt
     resized = detection_transforms.shorter_side_size(h, w, options.eval_resize)
     image = _resized_window(image, resized, ((resized[0] - size) // 2, (resized[1] - size) // 2), size)
   else:
-    image = _resize(image, central_crop_box(h, w, options.eval_crop_fraction), (size, size))
+    image = resize_window(image, central_crop_box(h, w, options.eval_crop_fraction), (size, size))
   return normalize(image)
 
 
@@ -270,6 +270,17 @@ def pad_masks(masks: np.ndarray, max_boxes: int) -> np.ndarray:
   return out
 
 
+def letterbox_image(image: np.ndarray, size: int) -> tuple[np.ndarray, tuple[int, int]]:
+  """uint8 [H, W, 3] resized (aspect kept) so that its longer side is `size`, normalised and placed top-left
+  on a zero `size` x `size` canvas: (float32 [size, size, 3], (new_h, new_w) of the real region)."""
+  h, w = image.shape[:2]
+  scale = size / max(h, w)
+  new_h, new_w = max(1, round(h * scale)), max(1, round(w * scale))
+  canvas = np.zeros((size, size, 3), np.float32)
+  canvas[:new_h, :new_w] = normalize(resize_window(np.ascontiguousarray(image), (0, 0, w, h), (new_h, new_w)))
+  return canvas, (new_h, new_w)
+
+
 def _letterbox(image: np.ndarray, boxes: np.ndarray, masks: np.ndarray | None, rng: np.random.Generator | None,
                options: Options):
   """Flips (when augmenting) and letterboxes uint8 `image` (and `masks` [N, H, W], unless None) onto an
@@ -279,10 +290,7 @@ def _letterbox(image: np.ndarray, boxes: np.ndarray, masks: np.ndarray | None, r
   if options.augment and options.flip and rng.random() < 0.5:
     image, boxes = image[:, ::-1], detection_transforms.hflip_yxyx(boxes)
     masks = None if masks is None else masks[:, :, ::-1]
-  scale = size / max(h, w)
-  new_h, new_w = max(1, round(h * scale)), max(1, round(w * scale))
-  canvas = np.zeros((size, size, 3), np.float32)
-  canvas[:new_h, :new_w] = normalize(_resize(np.ascontiguousarray(image), (0, 0, w, h), (new_h, new_w)))
+  canvas, (new_h, new_w) = letterbox_image(image, size)
   pixel_mask = np.zeros((size, size), bool)
   pixel_mask[:new_h, :new_w] = True
   if masks is not None:
@@ -313,7 +321,7 @@ def _multiscale(image: np.ndarray, boxes: np.ndarray, masks: np.ndarray | None, 
     size = detection_transforms.shorter_side_size(h, w, options.eval_scale, options.max_size)
   boxes, keep, fraction = detection_transforms.crop_boxes(boxes, window)
   y0, x0, y1, x1 = window
-  pixels = normalize(_resize(np.ascontiguousarray(image), (x0 * w, y0 * h, x1 * w, y1 * h), size))
+  pixels = normalize(resize_window(np.ascontiguousarray(image), (x0 * w, y0 * h, x1 * w, y1 * h), size))
   if masks is not None:
     masks = resize_masks(masks[keep], (x0 * w, y0 * h, x1 * w, y1 * h), size)
   return pixels, boxes, masks, keep, fraction

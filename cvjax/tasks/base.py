@@ -59,5 +59,6 @@ def create_task(config: ml_collections.ConfigDict, num_classes: int, class_names
 
   Raises ``KeyError`` listing the registered names when the name is unknown.
   """
-  from cvjax.tasks import classification, detr, rcnn, retinanet, yolact, yolo  # noqa: F401  (registers)
+  from cvjax.tasks import (classification, detr, rcnn, retinanet, segmentation,  # noqa: F401  (registers)
+                           yolact, yolo)
   return TASKS.get(config.task.name)(config, num_classes, class_names, category_ids, ground_truth)

@@ -181,6 +181,20 @@ def shapes_detection_run(c: ml_collections.ConfigDict, steps: int, batch_size: i
   c.checkpoint_every = 500
 
 
+def shapes_segmentation(c: ml_collections.ConfigDict, image_size: int = 64) -> None:
+  """The label maps of the generated `shapes` detection set as semantic segmentation (7 classes: background +
+  the 6 shapes), at ``image_size`` with random resized crops (area 0.35..1) and flips (CPU presets)."""
+  c.dataset.name = "shapes"
+  c.dataset.task = "segmentation"
+  c.dataset.config_name = f"detection_{image_size}"
+  c.dataset.image_size = image_size
+  c.dataset.augment = True
+  c.dataset.crop_scale = (0.35, 1.0)
+  c.dataset.panoptic = False
+  c.dataset.path = placeholder(str)      # segmentation_folder: the folder's root
+  c.task.name = "semantic_segmentation"
+
+
 def select_preset(presets: Dict[str, Callable[[ml_collections.ConfigDict], None]],
                   arg: Optional[str], config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Applies ``presets[arg or 'default']`` to ``config`` in place, names it and returns it locked."""

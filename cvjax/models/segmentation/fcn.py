@@ -1,0 +1,1 @@
+"""FCN (Long et al. 2015) -- being written."""
