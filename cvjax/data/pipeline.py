@@ -22,7 +22,9 @@ Batches are dicts of NumPy arrays with leading dim `config.batch_size // process
     always the largest bucket (one shape per run: processes never exchange shapes).
   segmentation: image float32 [b, S, S, 3], label_map int32 [b, S, S] (class per pixel, 255 = ignore, also on
     letterbox padding and padding rows), image_id int32 [b], mask bool [b]; with `config.dataset.panoptic`
-    also panoptic int32 [b, S, S, 2] (category, instance id; see `cvjax.data.segmentation_transforms`).
+    also panoptic int32 [b, S, S, 2] (category, instance id; see `cvjax.data.segmentation_transforms`), and
+    with `config.dataset.max_segments` = M segment_masks uint8 [b, M, S, S], segment_labels int32 [b, M],
+    segment_valid bool [b, M] (one segment per stuff category and per thing instance).
 
 Folder datasets (`DatasetSource.skip_corrupt`) skip undecodable images with one warning per file: training
 streams filter them out (epochs are a little shorter; the resumable position counts examples read), and
@@ -195,7 +197,8 @@ class Pipeline:
     max_boxes (int, dataset default), num_threads (int, 2), prefetch (int, 4 batches),
     masks (bool, False; detection: batches also carry instance `masks`, see the module docstring; `shapes`
     detection configs and `coco_folder` with `segmentation` have them, TFDS `coco` has none and refuses it),
-    panoptic (bool, False; segmentation: batches also carry `panoptic` maps),
+    panoptic (bool, False; segmentation: batches also carry `panoptic` maps), max_segments (int, 0; with
+    panoptic: batches also carry MaskFormer's targets, `segmentation_transforms.panoptic_segments`),
     for `shapes` only: num_examples ({split: count}), generation_seed (int, 0),
     for `coco_folder` only: path (str), folders ({split: (images_dir, annotation_file)}).
   Classification, paper augmentation (`preprocessing.classification_image`; unset/None, () or 0 = off):
@@ -237,6 +240,9 @@ class Pipeline:
       raise ValueError(f'config.dataset.panoptic=True, but dataset {source.name!r} gives no instance maps; '
                        'shapes (task segmentation) and coco_panoptic do')
     self._panoptic = panoptic
+    self._max_segments = int(_option(dataset_config, 'max_segments', 0))
+    if self._max_segments and not panoptic:
+      raise ValueError('config.dataset.max_segments (mask-classification targets) needs config.dataset.panoptic')
     if masks and source.task != 'detection':
       raise ValueError(f'config.dataset.masks (instance masks) applies to detection, not {source.task}')
     if masks and not source.masks:
@@ -347,6 +353,9 @@ class Pipeline:
       example = segmentation_transforms.segmentation_example(
           image, record['label_map'], rng, self.options,
           instance_map=record['instance_map'] if self._panoptic else None)
+      if self._max_segments:
+        example.update(segmentation_transforms.panoptic_segments(example['panoptic'], self._source.things,
+                                                                 self._max_segments))
       example.update(image_id=np.int32(record.get('image_id', index)), mask=np.bool_(True))
       return example
     example, dropped = preprocessing.detection_example(
@@ -400,7 +409,7 @@ class Pipeline:
 
   def _eval_dataset(self) -> grain.IterDataset:
     start, stop = self._shard
-    padding = (segmentation_transforms.padding_example(self.options, self._panoptic)
+    padding = (segmentation_transforms.padding_example(self.options, self._panoptic, self._max_segments)
                if self.task == 'segmentation' else preprocessing.padding_example(self.task, self.options))
 
     def example(local_index: int) -> dict:

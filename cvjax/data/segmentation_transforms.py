@@ -68,7 +68,38 @@ def segmentation_example(image: np.ndarray, label_map: np.ndarray, rng: np.rando
   return example
 
 
-def padding_example(options: preprocessing.Options, panoptic: bool) -> dict:
+def panoptic_segments(panoptic: np.ndarray, things, max_segments: int) -> dict:
+  """The segments of a panoptic map as padded mask-classification targets (MaskFormer's).
+
+  Args:
+    panoptic: int [S, S, 2] (category, instance id) from `segmentation_example`.
+    things: the categories that are things: each (category, instance id > 0) pair is one segment; every other
+      category present (stuff) is one segment whatever its instance ids. `IGNORE_LABEL` pixels belong to none.
+    max_segments: M; segments past it are dropped (stuff first, then things in instance order, are kept).
+
+  Returns:
+    `segment_masks` uint8 [M, S, S] (1 inside), `segment_labels` int32 [M], `segment_valid` bool [M].
+  """
+  categories, instances = panoptic[..., 0], panoptic[..., 1]
+  things = np.asarray(sorted(things), np.int32)
+  is_thing = np.isin(categories, things)
+  keys = []
+  for category in np.unique(categories[~is_thing & (categories != IGNORE_LABEL)]):
+    keys.append((int(category), categories == category))
+  for instance in np.unique(instances[is_thing & (instances > 0)]):
+    pixels = is_thing & (instances == instance)
+    for category in np.unique(categories[pixels]):   # one category per instance, unless the ids collide
+      keys.append((int(category), pixels & (categories == category)))
+  size = panoptic.shape[:2]
+  masks = np.zeros((max_segments, *size), np.uint8)
+  labels = np.zeros((max_segments,), np.int32)
+  valid = np.zeros((max_segments,), bool)
+  for n, (category, pixels) in enumerate(keys[:max_segments]):
+    masks[n], labels[n], valid[n] = pixels, category, True
+  return {'segment_masks': masks, 'segment_labels': labels, 'segment_valid': valid}
+
+
+def padding_example(options: preprocessing.Options, panoptic: bool, max_segments: int = 0) -> dict:
   """An all-ignore example with `mask=False`, to fill the last evaluation batch."""
   size = options.image_size
   example = {'image': np.zeros((size, size, 3), np.float32),
@@ -76,4 +107,6 @@ def padding_example(options: preprocessing.Options, panoptic: bool) -> dict:
              'image_id': np.int32(-1), 'mask': np.bool_(False)}
   if panoptic:
     example['panoptic'] = np.stack([example['label_map'], np.zeros((size, size), np.int32)], axis=-1)
+  if max_segments:
+    example.update(panoptic_segments(example['panoptic'], (), max_segments))
   return example

@@ -147,3 +147,24 @@ def test_missing_real_datasets_say_how_to_prepare(tmp_path):
       name="voc_segmentation", task="segmentation", path=str(tmp_path))))
   with pytest.raises(FileNotFoundError, match="SegmentationClass"):
     create_pipeline(config, "train", train=False, process_index=0, process_count=1)
+
+
+def test_panoptic_segments_are_mask_classification_targets(data_dir):
+  """One segment per thing instance and per stuff category, each mask the pixels of its (category, instance),
+  padded to max_segments; the segments tile every labelled pixel exactly once."""
+  pipeline = create_pipeline(_config(data_dir, panoptic=True, max_segments=6), "validation", train=True,
+                             process_index=0, process_count=1)
+  batch = next(iter(pipeline.iterator()))
+  assert batch["segment_masks"].shape == (8, 6, 32, 32) and batch["segment_labels"].shape == (8, 6)
+  for b in range(8):
+    valid = batch["segment_valid"][b]
+    masks, labels = batch["segment_masks"][b][valid], batch["segment_labels"][b][valid]
+    categories, instances = batch["panoptic"][b, ..., 0], batch["panoptic"][b, ..., 1]
+    assert len(masks) == len(np.unique(instances)) - 1 + int((categories == 0).any())
+    np.testing.assert_array_equal(masks.sum(0), (categories != IGNORE_LABEL).astype(int))
+    for mask, label in zip(masks, labels):
+      assert (categories[mask > 0] == label).all()
+      assert len(np.unique(instances[mask > 0])) == 1
+  crowded = segmentation_transforms.panoptic_segments(
+      np.stack([np.array([[0, 1, 1, 2]]), np.array([[0, 1, 2, 3]])], -1), things=(1, 2), max_segments=2)
+  assert crowded["segment_valid"].all() and list(crowded["segment_labels"]) == [0, 1]   # stuff, then things

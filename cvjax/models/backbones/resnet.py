@@ -102,6 +102,10 @@ class ResNet(nn.Module):
       instead of on the 3x3 (v1.5, torchvision).
     downsample_in_first_stage: stride 2 in the first stage too (HF option).
     dilate_last_stage: replace the last stage's stride by dilation 2 (DETR's DC5: C5 at stride 16).
+    replace_stride_with_dilation: one flag per stage after the first (torchvision's argument of that name):
+      a flagged stage keeps its input resolution and multiplies the dilation by its stride instead, e.g.
+      ``(False, True, True)`` for the FCN / DeepLab backbones (C4 and C5 at stride 8). ``dilate_last_stage``
+      flags the last stage as well.
     zero_init_last_bn: zero-init the last BN scale of every block (Goyal et al. 2017).
     frozen_bn: ``FrozenBatchNorm`` everywhere (affine and statistics in ``batch_stats``, not in
       ``params``, so no optimizer updates them; train and eval behave the same). For DETR.
@@ -126,12 +130,26 @@ class ResNet(nn.Module):
   stride_in_1x1: bool = False
   downsample_in_first_stage: bool = False
   dilate_last_stage: bool = False
+  replace_stride_with_dilation: Optional[Sequence[bool]] = None
   zero_init_last_bn: bool = False
   frozen_bn: bool = False
   frozen_stages: int = 0
   dtype: Any = jnp.float32
   layer_impl: str = "auto"
   activation: Callable[[jnp.ndarray], jnp.ndarray] = nn.relu
+
+  def _dilated_stages(self) -> Sequence[bool]:
+    """Per stage: whether its stride is replaced by dilation (``replace_stride_with_dilation`` and
+    ``dilate_last_stage`` resolved; the first stage never is, as in torchvision)."""
+    flags = [False] * len(self.stage_sizes)
+    if self.replace_stride_with_dilation is not None:
+      if len(self.replace_stride_with_dilation) != len(self.stage_sizes) - 1:
+        raise ValueError(f"replace_stride_with_dilation needs one flag per stage after the first "
+                         f"({len(self.stage_sizes) - 1}), got {tuple(self.replace_stride_with_dilation)}")
+      flags[1:] = [bool(flag) for flag in self.replace_stride_with_dilation]
+    if self.dilate_last_stage:
+      flags[-1] = True
+    return flags
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, *, train: bool,
@@ -141,8 +159,8 @@ class ResNet(nn.Module):
     Returns:
       logits ``[B, num_classes]`` (float32), pooled features ``[B, C]`` if ``num_classes == 0``, or with
       ``return_features=True`` the stage outputs ``{'c2': [B, H/4, W/4, C2], ..., 'c5': [B, H/32, W/32, C5]}``
-      (the head is then not applied; strides are /1../8 with ``stem='cifar'``, and C5 is /16 with
-      ``dilate_last_stage``).
+      (the head is then not applied; strides are /1../8 with ``stem='cifar'``; a dilated stage keeps the
+      stride of the one before it, so C5 is /16 with ``dilate_last_stage``).
     """
     if x.ndim != 4:
       raise ValueError(f"ResNet expects NHWC images [B, H, W, C], got shape {x.shape}")
@@ -165,14 +183,14 @@ class ResNet(nn.Module):
     if self.stem == "imagenet":
       x = layers.max_pool(x, 3, 2, padding=1, impl=self.layer_impl)
 
+    dilated_stages = self._dilated_stages()
     features = {}
     dilation = 1
-    last_stage = len(self.stage_sizes) - 1
     for stage, (num_blocks, features_out) in enumerate(zip(self.stage_sizes, stage_widths)):
       stride = 2 if stage > 0 or self.downsample_in_first_stage else 1
       # As torchvision's replace_stride_with_dilation: the stage's first block keeps the previous dilation.
       first_dilation = dilation
-      if stage == last_stage and self.dilate_last_stage:
+      if dilated_stages[stage]:
         dilation, stride = dilation * stride, 1
       for block in range(num_blocks):
         x = ResidualBlock(

@@ -12,13 +12,16 @@ the first 100 steps on `shapes`, leaving the net at chance; the single Linear ca
 ``classifier_width`` set explicitly give torchvision's three-Linear head at that size instead.
 ``width`` scales every conv.
 
+As a backbone (FCN), ``return_features=True`` returns the output of every max-pool instead of the logits, and
+``ceil_mode=True`` rounds the pooled sizes up as Caffe's pooling layers do (PyTorch's ``ceil_mode``).
+
 Input: NHWC float32 images already normalised by the input pipeline.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Dict, Optional, Sequence, Union
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -53,6 +56,8 @@ class VGG(nn.Module):
     dtype: compute dtype; parameters stay float32; logits are returned in float32.
     layer_impl: how convolutions and max-pools run (``layers.conv2d`` / ``layers.max_pool``): ``'xla'`` as
       ``nn.Conv`` / ``nn.max_pool`` do, ``'patches'`` over shifted window views, ``'auto'`` the faster on CPU.
+    ceil_mode: pooled sides ``ceil(H / 2)`` instead of ``floor(H / 2)`` (Caffe's rounding, PyTorch's
+      ``MaxPool2d(ceil_mode=True)``): an odd side's last row / column is pooled on its own.
   """
   channels: Sequence[Union[int, str]]
   batch_norm: bool = False
@@ -64,6 +69,7 @@ class VGG(nn.Module):
   dropout_rate: float = 0.5
   dtype: Any = jnp.float32
   layer_impl: str = "auto"
+  ceil_mode: bool = False
 
   @property
   def head_pool_size(self) -> int:
@@ -80,14 +86,22 @@ class VGG(nn.Module):
     return 4096
 
   @nn.compact
-  def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
-    """``[B, H, W, 3]`` (H, W >= 32) -> logits ``[B, num_classes]``."""
+  def __call__(self, x: jnp.ndarray, *, train: bool,
+               return_features: bool = False) -> Union[jnp.ndarray, Dict[str, jnp.ndarray]]:
+    """``[B, H, W, 3]`` (H, W >= 32) -> logits ``[B, num_classes]``, or with ``return_features=True`` the
+    max-pool outputs ``{'pool1': [B, H/2, W/2, C1], ..., 'pool5': [B, H/32, W/32, C5]}`` in the compute dtype
+    (sides rounded down, or up with ``ceil_mode``; the classifier is then not applied)."""
     if x.ndim != 4 or min(x.shape[1:3]) < 32:
       raise ValueError(f"VGG expects NHWC images [B, H, W, C] with H, W >= 32, got shape {x.shape}")
     index = 0  # position in torchvision's `features` Sequential
+    pools = {}
     for channels in self.channels:
       if channels == "M":
+        if self.ceil_mode:
+          # Pad odd sides at the bottom / right with -inf, which never wins: floor then rounds up.
+          x = jnp.pad(x, ((0, 0), (0, x.shape[1] % 2), (0, x.shape[2] % 2), (0, 0)), constant_values=-jnp.inf)
         x = layers.max_pool(x, 2, 2, impl=self.layer_impl)
+        pools[f"pool{len(pools) + 1}"] = x
         index += 1
         continue
       x = layers.Conv(channels * self.width // 64, 3, padding=1, dtype=self.dtype, kernel_init=layers.conv_kernel_init,
@@ -98,6 +112,8 @@ class VGG(nn.Module):
         index += 1
       x = nn.relu(x)
       index += 1
+    if return_features:
+      return pools
     if self.small_input and self.pool_size is None and self.classifier_width is None:
       x = x.mean(axis=(1, 2))
       x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
