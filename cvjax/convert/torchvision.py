@@ -50,7 +50,8 @@ def from_torch_state_dict(model_name: str, state_dict: Mapping[str, Any], **mode
   Args:
     model_name: a registered ResNet (``resnet*``, ``plain*``), VGG (``vgg*``) or ``alexnet`` name; the
       detectors ``fasterrcnn_*`` / ``maskrcnn_*`` (``cvjax.convert.rcnn``) and ``retinanet_*``
-      (``cvjax.convert.retinanet``); the segmentation models ``fcn_resnet*`` (``cvjax.convert.fcn``).
+      (``cvjax.convert.retinanet``); the segmentation models ``fcn_resnet*`` (``cvjax.convert.fcn``), and
+      ``fcn32s`` / ``fcn16s`` / ``fcn8s`` from a torchvision VGG-16 classifier (the paper's ImageNet start).
     state_dict: torchvision names -> tensors (``conv1.weight``, ``layer1.0.downsample.0.weight``,
       ``features.0.weight``, ``classifier.6.bias``, ...); ``num_batches_tracked`` is ignored.
     **model_kwargs: model options that the checkpoint was trained with (``num_classes``, ``width``,
@@ -69,6 +70,10 @@ def from_torch_state_dict(model_name: str, state_dict: Mapping[str, Any], **mode
   if model_name.startswith("fcn_"):
     from cvjax.convert import fcn  # pylint: disable=import-outside-toplevel
     return fcn.from_torchvision_fcn(model_name, state_dict, **model_kwargs)
+  if model_name in ("fcn32s", "fcn16s", "fcn8s"):
+    # The paper's VGG-16 nets start from a torchvision VGG-16 classifier (ImageNet), fc6/fc7 convolutionalised.
+    from cvjax.convert import fcn  # pylint: disable=import-outside-toplevel
+    return fcn.fcn_from_torchvision_vgg16(model_name, state_dict, **model_kwargs)
   if model_name.startswith("detr_"):
     # Imported here: cvjax.convert.detr builds on this module's torchvision naming.
     from cvjax.convert import detr  # pylint: disable=import-outside-toplevel

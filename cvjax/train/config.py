@@ -183,13 +183,15 @@ def shapes_detection_run(c: ml_collections.ConfigDict, steps: int, batch_size: i
 
 def shapes_segmentation(c: ml_collections.ConfigDict, image_size: int = 64) -> None:
   """The label maps of the generated `shapes` detection set as semantic segmentation (7 classes: background +
-  the 6 shapes), at ``image_size`` with random resized crops (area 0.35..1) and flips (CPU presets)."""
+  the 6 shapes), at ``image_size`` with random square crops (area 0.5..1, resized to ``image_size``) and flips
+  (CPU presets). The crops keep the aspect ratio: a stretched circle would be an ellipse, another class."""
   c.dataset.name = "shapes"
   c.dataset.task = "segmentation"
   c.dataset.config_name = f"detection_{image_size}"
   c.dataset.image_size = image_size
   c.dataset.augment = True
-  c.dataset.crop_scale = (0.35, 1.0)
+  c.dataset.crop_scale = (0.5, 1.0)
+  c.dataset.crop_ratio = (1.0, 1.0)
   c.dataset.panoptic = False
   c.dataset.path = placeholder(str)      # segmentation_folder: the folder's root
   c.task.name = "semantic_segmentation"

@@ -199,6 +199,8 @@ class FCN(nn.Module):
     width: VGG base width (64 in the paper; the conv widths are 64, 128, 256, 512, 512 times ``width / 64``).
     fc_width: channels of fc6 and fc7 (4096 in the paper).
     dropout_rate: after fc6 and after fc7 (rng ``dropout``, in training only).
+    batch_norm: VGG-16 with batch norm after every convolution (torchvision's ``vgg16_bn`` layout; not in the
+      paper, whose VGG-16 had none): lets the CPU presets train from scratch.
     dtype: compute dtype; parameters stay float32 and the logits are returned in float32.
     layer_impl: how convolutions and max-pools run (``layers.conv2d``).
   """
@@ -208,6 +210,7 @@ class FCN(nn.Module):
   width: int = 64
   fc_width: int = 4096
   dropout_rate: float = 0.5
+  batch_norm: bool = False
   dtype: Any = jnp.float32
   layer_impl: str = "auto"
 
@@ -229,8 +232,8 @@ class FCN(nn.Module):
       # conv1_1's own padding is 1: 99 more zeros make the Caffe model's 100.
       pad = self.input_padding - 1
       x = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
-    pools = VGG(VGG_CHANNELS["vgg16"], width=self.width, ceil_mode=True, dtype=self.dtype,
-                layer_impl=self.layer_impl, name="backbone")(x, train=train, return_features=True)
+    pools = VGG(VGG_CHANNELS["vgg16"], batch_norm=self.batch_norm, width=self.width, ceil_mode=True,
+                dtype=self.dtype, layer_impl=self.layer_impl, name="backbone")(x, train=train, return_features=True)
 
     conv = functools.partial(layers.Conv, dtype=self.dtype, impl=self.layer_impl)
     y = pools["pool5"]
