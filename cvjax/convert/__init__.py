@@ -10,3 +10,4 @@ from cvjax.convert.torchvision import from_torch_state_dict  # noqa: F401
 from cvjax.convert import vit as _vit  # noqa: F401  (registers the HF ViT converter)
 from cvjax.convert import detr as _detr  # noqa: F401  (registers the HF DETR converter)
 from cvjax.convert import swin as _swin  # noqa: F401  (registers the HF Swin converter)
+from cvjax.convert import maskformer as _maskformer  # noqa: F401  (registers the HF MaskFormer converter)

@@ -79,7 +79,7 @@ def hf_swin_key(path: Tuple[str, ...], prefix: str) -> str:
   return f"{prefix}encoder.{'.'.join(names)}.{common.TORCH_LEAF_NAMES[leaf]}"
 
 
-def _keep_table_layout(path: Tuple[str, ...], value: np.ndarray, target_shape: Tuple[int, ...]) -> np.ndarray:
+def keep_bias_table_layout(path: Tuple[str, ...], value: np.ndarray, target_shape: Tuple[int, ...]) -> np.ndarray:
   """The bias table is ``[(2M-1)^2, heads]`` in both frameworks; undo the Linear transpose applied to 2-D
   tensors by ``common.torch_to_flax_layout``."""
   del target_shape
@@ -98,23 +98,28 @@ def config_problems(config: Any) -> List[str]:
   return problems
 
 
+def swin_kwargs(config: Any) -> Dict[str, Any]:
+  """The ``Swin`` keyword arguments (all but ``num_classes``) of an HF ``SwinConfig`` or
+  ``MaskFormerSwinConfig`` (checked by ``config_problems``)."""
+  patch_size = config.patch_size if isinstance(config.patch_size, int) else tuple(config.patch_size)
+  return dict(
+      patch_size=patch_size, embed_dim=config.embed_dim, depths=tuple(config.depths),
+      num_heads=tuple(config.num_heads), window_size=config.window_size, mlp_ratio=config.mlp_ratio,
+      drop_path_rate=config.drop_path_rate, dropout_rate=config.hidden_dropout_prob, qkv_bias=config.qkv_bias,
+      layer_norm_eps=config.layer_norm_eps, activation=common.HF_ACTIVATIONS[config.hidden_act],
+      attention_dropout_rate=config.attention_probs_dropout_prob)
+
+
 def convert(config: Any, state_dict: Mapping[str, Any], classifier: bool,
             source: str = "HF Swin state_dict") -> Tuple[Swin, Dict]:
   """``(Swin, {'params': ...})`` of an HF ``SwinConfig`` and a ``SwinForImageClassification`` (``classifier``)
   or ``SwinModel`` state_dict in either transformers layout (what ``swin_from_transformers`` does)."""
   common.raise_if_unsupported("HF SwinConfig", config_problems(config))
-  patch_size = config.patch_size if isinstance(config.patch_size, int) else tuple(config.patch_size)
-  module = Swin(
-      patch_size=patch_size, embed_dim=config.embed_dim, depths=tuple(config.depths),
-      num_heads=tuple(config.num_heads), window_size=config.window_size, mlp_ratio=config.mlp_ratio,
-      num_classes=config.num_labels if classifier else 0, drop_path_rate=config.drop_path_rate,
-      dropout_rate=config.hidden_dropout_prob, qkv_bias=config.qkv_bias, layer_norm_eps=config.layer_norm_eps,
-      activation=common.HF_ACTIVATIONS[config.hidden_act],
-      attention_dropout_rate=config.attention_probs_dropout_prob)
+  module = Swin(num_classes=config.num_labels if classifier else 0, **swin_kwargs(config))
   variables = common.load_state_dict(
       module, common.rename_keys(state_dict, LEGACY_KEYS), input_shape=(1, 224, 224, config.num_channels),
-      torch_key=lambda path: hf_swin_key(path, "swin." if classifier else ""), leaf_transform=_keep_table_layout,
-      source=source)
+      torch_key=lambda path: hf_swin_key(path, "swin." if classifier else ""),
+      leaf_transform=keep_bias_table_layout, source=source)
   return module, variables
 
 

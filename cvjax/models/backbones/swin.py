@@ -15,7 +15,9 @@ Semantics follow HF ``SwinModel`` (microsoft/Swin-Transformer's code, generalise
   * a map with ``min(H, W) <= window_size`` uses one window of side ``min(H, W)`` and no shift
     (``cvjax.ops.effective_window_and_shift``). The bias for that smaller window is the central
     ``(2w - 1)^2`` part of the table, i.e. the same bias for the same relative offset (HF raises a shape
-    error when ``min(H, W) < window_size``; the reference builds a smaller table at construction instead);
+    error when ``min(H, W) < window_size``; the reference builds a smaller table at construction instead).
+    ``shrink_small_windows=False`` instead keeps the configured window and shift on every map, zero-padding
+    it up to whole windows: the reference's detection / segmentation backbone and HF ``MaskFormerSwin``;
   * PatchMerging zero-pads odd sides bottom/right (so a 25x35 map merges to 13x18).
 Training-only difference: stochastic depth drops both residual branches of a block as in the paper's code
 (HF drops only the attention branch).
@@ -130,7 +132,7 @@ class SwinBlock(nn.Module):
     drop_path_rate: stochastic depth rate of this block.
     dropout_rate: dropout on both residual branches' outputs.
     layer_norm_eps: epsilon of the two LayerNorms.
-    activation, attention_dropout_rate: as in ``Swin``.
+    activation, attention_dropout_rate, shrink_small_windows: as in ``Swin``.
   """
   num_heads: int
   window_size: int
@@ -143,11 +145,14 @@ class SwinBlock(nn.Module):
   dtype: Any = jnp.float32
   activation: Callable[[jnp.ndarray], jnp.ndarray] = gelu
   attention_dropout_rate: float = 0.0
+  shrink_small_windows: bool = True
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
     _, height, width, channels = x.shape
-    window, shift = effective_window_and_shift(height, width, self.window_size, self.shift)
+    window, shift = self.window_size, self.shift
+    if self.shrink_small_windows:
+      window, shift = effective_window_and_shift(height, width, window, shift)
     norm = functools.partial(nn.LayerNorm, epsilon=self.layer_norm_eps, dtype=self.dtype)
     dropout = functools.partial(nn.Dropout(self.dropout_rate), deterministic=not train)
     drop_path = functools.partial(DropPath(self.drop_path_rate), deterministic=not train)
@@ -212,6 +217,7 @@ class SwinStage(nn.Module):
   dtype: Any = jnp.float32
   activation: Callable[[jnp.ndarray], jnp.ndarray] = gelu
   attention_dropout_rate: float = 0.0
+  shrink_small_windows: bool = True
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, *, train: bool) -> Tuple[jnp.ndarray, jnp.ndarray]:
@@ -220,7 +226,8 @@ class SwinStage(nn.Module):
       shift = self.window_size // 2 if self.shifted_windows and i % 2 else 0
       x = SwinBlock(self.num_heads, self.window_size, shift, self.mlp_ratio, self.qkv_bias,
                     self.drop_path_rates[i], self.dropout_rate, self.layer_norm_eps, self.dtype,
-                    self.activation, self.attention_dropout_rate, name=f"blocks_{i}")(x, train=train)
+                    self.activation, self.attention_dropout_rate, self.shrink_small_windows,
+                    name=f"blocks_{i}")(x, train=train)
     return x, (PatchMerging(self.dtype, name="downsample")(x) if self.downsample else x)
 
 
@@ -244,6 +251,8 @@ class Swin(nn.Module):
     activation: the MLPs' activation (exact GELU as the paper; HF ``hidden_act``).
     attention_dropout_rate: dropout on the attention probabilities (HF ``attention_probs_dropout_prob``; the
       paper's ``attn_drop_rate``).
+    shrink_small_windows: a map no larger than the window gets one window of its size and no shift (HF
+      ``SwinModel``, the reference's classifier); False keeps the window and shift everywhere (module doc).
   """
   patch_size: Union[int, Tuple[int, int]] = 4
   embed_dim: int = 96
@@ -260,6 +269,7 @@ class Swin(nn.Module):
   dtype: Any = jnp.float32
   activation: Callable[[jnp.ndarray], jnp.ndarray] = gelu
   attention_dropout_rate: float = 0.0
+  shrink_small_windows: bool = True
 
   def _patch(self) -> Tuple[int, int]:
     patch = (self.patch_size,) * 2 if isinstance(self.patch_size, int) else tuple(self.patch_size)
@@ -310,7 +320,8 @@ class Swin(nn.Module):
       features[f"stage{i + 1}"], x = SwinStage(
           depth, heads, self.window_size, tuple(rates[start:start + depth]), i + 1 < len(self.depths),
           self.shifted_windows, self.mlp_ratio, self.qkv_bias, self.dropout_rate, self.layer_norm_eps,
-          self.dtype, self.activation, self.attention_dropout_rate, name=f"layers_{i}")(x, train=train)
+          self.dtype, self.activation, self.attention_dropout_rate, self.shrink_small_windows,
+          name=f"layers_{i}")(x, train=train)
     if return_features:
       return features
 

@@ -18,7 +18,7 @@ PyTorch's default ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``, LayerNorms start at (1
 from __future__ import annotations
 
 import functools
-from typing import Callable, Optional
+from typing import Callable, Optional, Tuple, Union
 
 import flax.linen as nn
 import jax
@@ -208,22 +208,27 @@ class Decoder(_LayerSettings):
   @nn.compact
   def __call__(self, x: jnp.ndarray, memory: jnp.ndarray, *, query_position: Optional[jnp.ndarray] = None,
                memory_position: Optional[jnp.ndarray] = None, memory_padding_mask: Optional[jnp.ndarray] = None,
-               train: bool) -> jnp.ndarray:
+               train: bool, return_layer_outputs: bool = False
+               ) -> Union[jnp.ndarray, Tuple[jnp.ndarray, jnp.ndarray]]:
     """Decodes queries ``x [B, Q, d]`` against ``memory [B, N, d]``.
 
     Returns:
       ``[num_layers, B, Q, d]``: every layer's output after the shared LayerNorm (the last entry is the
-      final output).
+      final output). With ``return_layer_outputs`` also, second, every ``DecoderLayer``'s own output before
+      that LayerNorm, ``[num_layers, B, Q, d]`` (what HF's decoders report as ``hidden_states``).
     """
     norm = _layer_norm(name="layernorm")
-    outputs = []
+    outputs, layer_outputs = [], []
     for i in range(self.num_layers):
       x = DecoderLayer(**self._layer_kwargs(), name=f"layers_{i}")(
           x, memory, query_position=query_position, memory_position=memory_position,
           memory_padding_mask=memory_padding_mask, train=train)
+      layer_outputs.append(x)
       if self.feed_normed_outputs:
         x = norm(x)
         outputs.append(norm(x) if i == self.num_layers - 1 else x)
       else:
         outputs.append(norm(x))
+    if return_layer_outputs:
+      return jnp.stack(outputs), jnp.stack(layer_outputs)
     return jnp.stack(outputs)

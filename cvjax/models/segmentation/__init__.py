@@ -4,6 +4,6 @@ Every segmentation model returns a dict with ``logits [B, H, W, K]`` at the inpu
 ``aux_logits`` when an auxiliary head is on).
 """
 
-from cvjax.models.segmentation import fcn, unet  # noqa: F401
+from cvjax.models.segmentation import fcn, maskformer, unet  # noqa: F401
 
-MODULES = ("fcn", "unet")
+MODULES = ("fcn", "maskformer", "unet")
