@@ -355,23 +355,37 @@ def _category_ids(ids: Iterable[int], name: str) -> list:
 
 
 class SegmentationEvaluator:
-  """Host side of the evaluation: sums the per-image confusion matrices of ``eval_outputs`` over the split
-  (``SemanticSegmentationAccumulator``) and keeps the first images for ``write_files``."""
+  """Host side of a segmentation evaluation: sums the per-image confusion matrices of a task's eval outputs
+  over the split (``SemanticSegmentationAccumulator``), with ``things`` / ``stuffs`` also panoptic quality
+  (``PanopticQualityAccumulator`` on ``outputs['panoptic']`` against the batch's ``panoptic`` maps), and keeps
+  the first images for ``write_files``.
+
+  ``update(outputs, inputs)`` reads ``outputs``: ``confusion [B, K, K + 1]`` (``confusion_matrix`` per image),
+  ``prediction [B, H, W]`` (label maps), ``mask [B]``, and for panoptic ``panoptic [B, H, W, 2]`` (predicted
+  (category, segment id), ``void_label`` where no segment); ``inputs``: the host batch (``image``,
+  ``label_map``, ``panoptic``).
+  """
 
   def __init__(self, num_classes: int, class_names: Sequence[str], ignore_index: int = 255,
-               num_visualizations: int = 4):
+               num_visualizations: int = 4, things: Sequence[int] = (), stuffs: Sequence[int] = ()):
     self.accumulator = SemanticSegmentationAccumulator(num_classes, ignore_index)
+    self.panoptic = (PanopticQualityAccumulator(things, stuffs, void_label=ignore_index)
+                     if (things or stuffs) else None)
     self.class_names = list(class_names) or [str(k) for k in range(num_classes)]
     self.num_visualizations = num_visualizations
     self.count = 0
     self._drawable: List[tuple] = []
 
   def update(self, outputs: Dict[str, np.ndarray], inputs=None) -> None:
-    """Adds one evaluation batch (rows with ``mask=False`` are padding); ``inputs`` is the host batch, whose
-    images and label maps are drawn."""
+    """Adds one evaluation batch; rows with ``mask=False`` are padding."""
     mask = np.asarray(outputs["mask"], bool)
     self.accumulator.add_confusion(np.asarray(outputs["confusion"])[mask].sum(0))
     self.count += int(mask.sum())
+    if self.panoptic is not None:
+      if inputs is None or "panoptic" not in inputs:
+        raise ValueError("panoptic evaluation needs the batch's ground-truth 'panoptic' maps "
+                         "(config.dataset.panoptic=True)")
+      self.panoptic.update(np.asarray(outputs["panoptic"])[mask], np.asarray(inputs["panoptic"])[mask])
     if inputs is not None:
       for row in np.flatnonzero(mask[:len(inputs["image"])]):
         if len(self._drawable) >= self.num_visualizations:
@@ -381,9 +395,15 @@ class SegmentationEvaluator:
   def result(self):
     metrics = self.accumulator.result()
     scalars = {"miou": metrics["miou"], "pixel_accuracy": metrics["pixel_accuracy"], "num_examples": self.count}
-    per_class = {name: (None if np.isnan(iou) else float(iou))
-                 for name, iou in zip(self.class_names, metrics["per_class_iou"])}
-    return scalars, {"per_class_iou": per_class}
+    details = {"per_class_iou": {name: (None if np.isnan(iou) else float(iou))
+                                 for name, iou in zip(self.class_names, metrics["per_class_iou"])}}
+    if self.panoptic is not None:
+      quality = self.panoptic.result()
+      scalars.update({key: float(value) for key, value in quality.items() if np.ndim(value) == 0})
+      names = [self.class_names[c] if 0 <= c < len(self.class_names) else str(c) for c in self.panoptic.categories]
+      details["per_category_pq"] = {n: (None if np.isnan(v) else float(v))
+                                    for n, v in zip(names, quality["per_category_pq"])}
+    return scalars, details
 
   def write_files(self, directory: str, step: int) -> List[str]:
     """A PNG of the first images: image | ground truth | prediction."""

@@ -21,17 +21,19 @@ class Task:
   ``num_classes``, ``class_names`` and ``category_ids`` (the dataset's own id of each contiguous label, e.g.
   COCO's, or None) describe the input pipeline's labels. ``ground_truth`` is None or a zero-argument callable
   returning the evaluation split's annotations as a COCO-format dict (datasets with an annotation file), which
-  evaluators use instead of the targets in the batches.
+  evaluators use instead of the targets in the batches. ``things`` (segmentation) lists the labels that are
+  countable things; the other labels are stuff.
   """
 
   def __init__(self, config: ml_collections.ConfigDict, num_classes: int, class_names: Sequence[str],
                category_ids: Optional[Sequence[int]] = None,
-               ground_truth: Optional[Callable[[], Dict[str, Any]]] = None):
+               ground_truth: Optional[Callable[[], Dict[str, Any]]] = None, things: Sequence[int] = ()):
     self.config = config
     self.num_classes = num_classes
     self.class_names = list(class_names)
     self.category_ids = None if category_ids is None else list(category_ids)
     self.ground_truth = ground_truth
+    self.things = tuple(int(t) for t in things)
 
   def model_inputs(self, batch: Dict[str, Any]) -> Tuple[tuple, dict]:
     """Positional and keyword arguments of ``model.apply`` (besides variables and ``train``)."""
@@ -54,11 +56,11 @@ class Task:
 
 def create_task(config: ml_collections.ConfigDict, num_classes: int, class_names: Sequence[str],
                 category_ids: Optional[Sequence[int]] = None,
-                ground_truth: Optional[Callable[[], Dict[str, Any]]] = None) -> Task:
+                ground_truth: Optional[Callable[[], Dict[str, Any]]] = None, things: Sequence[int] = ()) -> Task:
   """The task registered under ``config.task.name``, for a dataset with these labels (see ``Task``).
 
   Raises ``KeyError`` listing the registered names when the name is unknown.
   """
-  from cvjax.tasks import (classification, detr, rcnn, retinanet, segmentation,  # noqa: F401  (registers)
-                           yolact, yolo)
-  return TASKS.get(config.task.name)(config, num_classes, class_names, category_ids, ground_truth)
+  from cvjax.tasks import (classification, detr, maskformer, rcnn, retinanet,  # noqa: F401  (registers)
+                           segmentation, yolact, yolo)
+  return TASKS.get(config.task.name)(config, num_classes, class_names, category_ids, ground_truth, things)

@@ -42,6 +42,46 @@ class CriterionWeights:
   eos_coef: float = 0.1
 
 
+def match_class_cost(pred_logits: jax.Array, labels: jax.Array) -> jax.Array:
+  """The matcher's class cost ``-softmax(pred_logits)[label]``, ``[B, Q, M]`` (DETR's and MaskFormer's).
+
+  Args:
+    pred_logits: ``[B, Q, K + 1]``.
+    labels: ``[B, M]`` int in ``[0, K)``; padded entries may hold anything (clipped, their cost is unused).
+  """
+  prob = jax.nn.softmax(pred_logits.astype(jnp.float32), axis=-1)
+  return -jnp.take_along_axis(prob, jnp.clip(labels, 0, prob.shape[-1] - 1)[:, None, :], axis=-1)
+
+
+def set_classification_loss(logits: jax.Array, match: jax.Array, labels: jax.Array, example_mask: jax.Array,
+                            eos_coef: float) -> Tuple[jax.Array, jax.Array]:
+  """The set criterion's classification terms given a matching (DETR's and MaskFormer's ``loss_labels``).
+
+  Args:
+    logits: ``[B, Q, K + 1]`` class logits, the last "no object".
+    match: ``[B, Q]`` int32 matched target index or -1 (``match_sets``).
+    labels: ``[B, M]`` int target classes in ``[0, K)``.
+    example_mask: ``[B]`` bool, False for padding examples (their queries do not count).
+    eos_coef: cross-entropy class weight of "no object" (the other classes weigh 1).
+
+  Returns:
+    ``(loss_ce, class_error)``: PyTorch's weighted-mean cross-entropy over all queries of the real examples
+    (matched queries -> their target's class, the rest -> "no object"), and the percentage of matched queries
+    whose argmax over all ``K + 1`` logits is not their target's class (no gradient; 0 when none matched).
+  """
+  num_classes = logits.shape[-1] - 1
+  matched = match >= 0
+  matched_labels = jnp.take_along_axis(labels, jnp.maximum(match, 0), axis=1)
+  target_classes = jnp.where(matched, matched_labels, num_classes)
+  class_weights = jnp.ones((num_classes + 1,), jnp.float32).at[num_classes].set(eos_coef)
+  query_mask = jnp.broadcast_to(example_mask[:, None], target_classes.shape)
+  loss_ce = weighted_softmax_cross_entropy(logits.astype(jnp.float32), target_classes, class_weights,
+                                           mask=query_mask)
+  # As DETR logs it: a matched query that predicts "no object" counts as wrong.
+  correct = (jnp.argmax(logits, -1) == matched_labels) & matched
+  return loss_ce, 100.0 * (1.0 - correct.sum() / jnp.maximum(matched.sum(), 1))
+
+
 def hungarian_match(pred_logits: jax.Array, pred_boxes: jax.Array, boxes: jax.Array, labels: jax.Array,
                     valid: jax.Array, weights: CriterionWeights = CriterionWeights(),
                     backend: str = "auto") -> jax.Array:
@@ -63,8 +103,7 @@ def hungarian_match(pred_logits: jax.Array, pred_boxes: jax.Array, boxes: jax.Ar
     ``[B, Q]`` int32 target index in ``[0, M)`` or -1 (unmatched), without gradient.
   """
   pred_logits, pred_boxes = jax.lax.stop_gradient((pred_logits, pred_boxes))
-  prob = jax.nn.softmax(pred_logits.astype(jnp.float32), axis=-1)
-  class_cost = -jnp.take_along_axis(prob, jnp.clip(labels, 0, prob.shape[-1] - 1)[:, None, :], axis=-1)
+  class_cost = match_class_cost(pred_logits, labels)
   l1_cost = jnp.abs(pred_boxes[:, :, None, :] - boxes[:, None, :, :]).sum(-1)
   giou_cost = -generalized_box_iou(box_convert(pred_boxes, "cxcywh", "xyxy"),
                                    box_convert(boxes, "cxcywh", "xyxy"))
@@ -78,17 +117,11 @@ def _layer_losses(logits: jax.Array, pred_boxes: jax.Array, boxes: jax.Array, la
                   valid: jax.Array, example_mask: jax.Array, num_boxes: jax.Array, weights: CriterionWeights,
                   backend: str) -> Dict[str, jax.Array]:
   """The three DETR losses of one decoder layer's predictions (see `detr_loss`)."""
-  num_classes = logits.shape[-1] - 1
   valid = valid & example_mask[:, None]
   match = hungarian_match(logits, pred_boxes, boxes, labels, valid, weights, backend)  # [B, Q]
+  loss_ce, class_error = set_classification_loss(logits, match, labels, example_mask, weights.eos_coef)
   matched = match >= 0
   index = jnp.maximum(match, 0)
-  matched_labels = jnp.take_along_axis(labels, index, axis=1)
-  target_classes = jnp.where(matched, matched_labels, num_classes)
-  class_weights = jnp.ones((num_classes + 1,), jnp.float32).at[num_classes].set(weights.eos_coef)
-  query_mask = jnp.broadcast_to(example_mask[:, None], target_classes.shape)
-  loss_ce = weighted_softmax_cross_entropy(logits.astype(jnp.float32), target_classes, class_weights,
-                                           mask=query_mask)
   target_boxes = jnp.take_along_axis(boxes, index[..., None], axis=1)  # [B, Q, 4]
   pair = matched.astype(jnp.float32)
   pred_boxes = pred_boxes.astype(jnp.float32)
@@ -96,11 +129,7 @@ def _layer_losses(logits: jax.Array, pred_boxes: jax.Array, boxes: jax.Array, la
   giou = elementwise_generalized_box_iou(box_convert(pred_boxes, "cxcywh", "xyxy"),
                                          box_convert(target_boxes, "cxcywh", "xyxy"))
   loss_giou = ((1.0 - giou) * pair).sum() / num_boxes
-  # Classification error on matched queries as DETR logs it: the argmax over all K + 1 logits, so a matched
-  # query that predicts "no object" counts as wrong (no gradient).
-  correct = (jnp.argmax(logits, -1) == matched_labels) & matched
-  return {"loss_ce": loss_ce, "loss_bbox": loss_bbox, "loss_giou": loss_giou,
-          "class_error": 100.0 * (1.0 - correct.sum() / jnp.maximum(matched.sum(), 1))}
+  return {"loss_ce": loss_ce, "loss_bbox": loss_bbox, "loss_giou": loss_giou, "class_error": class_error}
 
 
 def detr_loss(outputs: Mapping[str, Any], batch: Mapping[str, jax.Array],
@@ -173,8 +202,8 @@ class DETRTask(DetectionTask):
   ranges), ``image_id [B]``, ``orig_size [B, 2]`` (h, w), ``mask [B]``.
   """
 
-  def __init__(self, config, num_classes, class_names, category_ids=None, ground_truth=None):
-    super().__init__(config, num_classes, class_names, category_ids, ground_truth)
+  def __init__(self, config, num_classes, class_names, category_ids=None, ground_truth=None, things=()):
+    super().__init__(config, num_classes, class_names, category_ids, ground_truth, things)
     task = config.task
     self.weights = CriterionWeights(
         class_weight=float(task.get("class_weight", 1.0)), bbox_weight=float(task.get("bbox_weight", 5.0)),

@@ -57,11 +57,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.optimizer.beta2 = 0.999
   c.optimizer.eps = 1e-8
   c.optimizer.weight_decay = 0.0
-  c.optimizer.schedule = "cosine"        # cosine | step | constant
+  c.optimizer.schedule = "cosine"        # cosine | step | constant | poly
   c.optimizer.warmup_steps = 0
   c.optimizer.boundaries = ()            # step schedule: steps at which lr *= decay_factor
   c.optimizer.decay_factor = 0.1
-  c.optimizer.end_lr_fraction = 0.0      # cosine floor, as a fraction of the peak
+  c.optimizer.end_lr_fraction = 0.0      # cosine / poly floor, as a fraction of the peak
+  c.optimizer.poly_power = 0.9           # poly schedule: peak * (1 - t / T) ** power
   c.optimizer.grad_clip_norm = 0.0       # 0 disables global-norm clipping
   # Per-parameter-group learning-rate multipliers: ((regex, multiplier), ...) matched against the
   # '/'-joined parameter path (first match wins), e.g. (('backbone/.*', 0.1),).

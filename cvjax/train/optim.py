@@ -15,7 +15,8 @@ FROZEN = "frozen"
 
 
 def create_schedule(opt: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
-  """Linear warm-up from 0 to the peak, then cosine / step / constant."""
+  """Linear warm-up from 0 to the peak, then cosine / step / constant / poly (``peak * (1 - t / T) ** 0.9``
+  over the steps after the warm-up, the segmentation schedule of DeepLab and MaskFormer; ``poly_power``)."""
   peak = opt.learning_rate
   warmup = int(opt.warmup_steps)
   if opt.schedule == "cosine":
@@ -27,8 +28,12 @@ def create_schedule(opt: ml_collections.ConfigDict, total_steps: int) -> optax.S
         peak, {int(b) - warmup: opt.decay_factor for b in opt.boundaries})
   elif opt.schedule == "constant":
     main = optax.constant_schedule(peak)
+  elif opt.schedule == "poly":
+    main = optax.polynomial_schedule(peak, peak * opt.end_lr_fraction, float(opt.get("poly_power", 0.9)),
+                                     max(total_steps - warmup, 1))
   else:
-    raise ValueError(f"config.optimizer.schedule={opt.schedule!r}; expected 'cosine', 'step' or 'constant'")
+    raise ValueError(f"config.optimizer.schedule={opt.schedule!r}; expected 'cosine', 'step', 'constant' or "
+                     "'poly'")
   if warmup == 0:
     return main
   return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), main], [warmup])

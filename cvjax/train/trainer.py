@@ -59,12 +59,14 @@ class DataSpec:
       label, e.g. COCO's, or None).
     example_batch: one host batch (only its structure, shapes and dtypes are used; rows may be zeros).
     ground_truth: None, or a callable returning the evaluation split's COCO-format annotations.
+    things: segmentation: the labels that are countable things (panoptic); the others are stuff.
   """
   num_classes: int
   class_names: Sequence[str]
   example_batch: Dict[str, np.ndarray]
   category_ids: Optional[Sequence[int]] = None
   ground_truth: Optional[Callable[[], Dict[str, Any]]] = None
+  things: Sequence[int] = ()
 
   @classmethod
   def of(cls, pipeline) -> "DataSpec":
@@ -72,7 +74,7 @@ class DataSpec:
     example = next(iter(pipeline.iterator()))
     zeros = jax.tree.map(lambda x: np.zeros((1,) + x.shape[1:], x.dtype), example)
     return cls(num_classes=pipeline.num_classes, class_names=pipeline.class_names, example_batch=zeros,
-               category_ids=pipeline.category_ids, ground_truth=pipeline.ground_truth)
+               category_ids=pipeline.category_ids, ground_truth=pipeline.ground_truth, things=pipeline.things)
 
 
 def _train_step(model, task: Task, tx: optax.GradientTransformation, schedule, frozen,
@@ -137,7 +139,8 @@ class Experiment:
       self.eval_pipeline = create_pipeline(config, config.dataset.eval_split, train=False)
       data = DataSpec.of(self.eval_pipeline)
     self.data = data
-    self.task = create_task(config, data.num_classes, data.class_names, data.category_ids, data.ground_truth)
+    self.task = create_task(config, data.num_classes, data.class_names, data.category_ids, data.ground_truth,
+                            data.things)
     self.model = build_model(config, data.num_classes)
     self.tx, self.schedule = create_optimizer(config.optimizer, config.total_steps)
     init_args, init_kwargs = self.task.model_inputs(data.example_batch)

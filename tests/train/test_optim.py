@@ -31,6 +31,13 @@ def test_step_schedule_decays_at_boundaries_after_warmup():
                              rtol=1e-6)
 
 
+def test_poly_schedule_is_deeplabs_after_warmup():
+  s = create_schedule(_opt(learning_rate=1e-4, warmup_steps=10, schedule="poly"), 110)
+  for t in (10, 35, 60, 109):
+    np.testing.assert_allclose(s(t), 1e-4 * (1 - (t - 10) / 100) ** 0.9, rtol=1e-5)
+  np.testing.assert_allclose([s(5), s(110)], [5e-5, 0.0], atol=1e-12)
+
+
 def test_unknown_names_are_clear_errors():
   with pytest.raises(ValueError, match="schedule"):
     create_schedule(_opt(schedule="linear"), 10)
