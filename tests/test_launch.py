@@ -30,7 +30,7 @@ def _jsonl(path):
     return [json.loads(line) for line in f]
 
 
-def _check_trained(config, workdir, summary):
+def _check_trained(config, workdir, summary, model_name=None):
   """The files a finished tiny run leaves in ``workdir``; returns its final eval record."""
   assert summary["step"] == config.total_steps == 2
   train_steps = [r["step"] for r in _jsonl(os.path.join(workdir, "metrics.jsonl")) if "train/loss" in r]
@@ -38,7 +38,7 @@ def _check_trained(config, workdir, summary):
   evals = [r for r in _jsonl(os.path.join(workdir, "metrics.jsonl")) if any(k.startswith("eval/") for k in r)]
   assert [r["step"] for r in evals] == [2]
   with open(os.path.join(workdir, "config.json")) as f:
-    assert json.load(f)["model"]["name"] == config.model.name
+    assert json.load(f)["model"]["name"] == (model_name or config.model.name)
   with open(os.path.join(workdir, "summary.json")) as f:
     assert json.load(f)["step"] == 2
   assert os.listdir(os.path.join(workdir, "tensorboard"))
@@ -53,9 +53,9 @@ def test_tiny_preset_trains_two_steps_evaluates_and_checkpoints(config_path, loa
   summary = launch.run(config, workdir, "train")
   # An ablation config trains every variant as a run of its own in workdir/<variant>/, then compares them.
   variants = [name for name, _ in config.ablation]
-  runs = ([(os.path.join(workdir, name), summary["variants"][name]) for name in variants] if variants
-          else [(workdir, summary)])
-  final_evals = [_check_trained(config, run_dir, run_summary) for run_dir, run_summary in runs]
+  runs = ([(os.path.join(workdir, name), summary["variants"][name], overrides.get("model.name"))
+           for name, overrides in config.ablation] if variants else [(workdir, summary, None)])
+  final_evals = [_check_trained(config, run_dir, run_summary, model_name) for run_dir, run_summary, model_name in runs]
   if variants:
     table = (tmp_path / "run" / "ablation.md").read_text()
     assert all(f"| {name} |" in table for name in variants)
