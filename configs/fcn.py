@@ -18,7 +18,7 @@ Presets:
   tiny      a few steps of a very small FCN-8s, for tests.
 """
 
-from cvjax.train.config import base_config, select_preset, shapes_segmentation, tiny_run
+from cvjax.train.config import base_config, cpu_adamw_run, select_preset, shapes_segmentation, tiny_run
 
 
 def _shapes(c, steps: int, model: str = "fcn8s"):
@@ -29,16 +29,7 @@ def _shapes(c, steps: int, model: str = "fcn8s"):
   c.model.input_padding = 0
   c.model.batch_norm = True
   c.model.dropout_rate = 0.0
-  c.batch_size = 16
-  c.total_steps = steps
-  c.optimizer.name = "adamw"
-  c.optimizer.learning_rate = 1e-3
-  c.optimizer.weight_decay = 1e-4
-  c.optimizer.warmup_steps = 100
-  c.optimizer.schedule = "cosine"
-  c.log_every = 50
-  c.eval_every = 500
-  c.checkpoint_every = 500
+  cpu_adamw_run(c, steps, batch_size=16)
 
 
 def default(c):

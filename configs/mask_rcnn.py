@@ -30,11 +30,12 @@ COCO presets read a COCO-format folder with `segmentation` annotations (`--confi
 
 from ml_collections.config_dict import placeholder
 
-from cvjax.train.config import base_config, detection_dataset, select_preset, shapes_detection_run, detection_tiny_run
+from cvjax.train.config import (FROZEN_STEM_AND_LAYER1, base_config, detection_dataset, detection_tiny_run,
+                                select_preset, shapes_detection_run)
 
 COCO_TRAIN_IMAGES = 118_287
-# torchvision's trainable_backbone_layers=3: the stem and layer1 keep their (ImageNet) weights.
-BACKBONE_FROZEN = ("backbone/conv1/.*", "backbone/bn1/.*", "backbone/layer1_.*")
+# torchvision's trainable_backbone_layers=3: the stem and layer1 keep their (ImageNet) weights
+# (FROZEN_STEM_AND_LAYER1).
 
 
 def _shapes(c, steps: int):
@@ -115,7 +116,7 @@ def coco_r50_1x(c):
   c.optimizer.learning_rate = 0.02
   c.optimizer.weight_decay = 1e-4
   c.optimizer.warmup_steps = 1000
-  c.optimizer.freeze = BACKBONE_FROZEN
+  c.optimizer.freeze = FROZEN_STEM_AND_LAYER1
 
 
 def coco_swin_t_1x(c):

@@ -28,9 +28,8 @@ Real datasets are read from `config.data_dir` when prepared (TFDS `scene_parse15
 nothing is downloaded.
 """
 
-from cvjax.train.config import base_config, select_preset, shapes_segmentation, tiny_run
-
-BACKBONE_FROZEN = ("backbone/conv1/.*", "backbone/bn1/.*", "backbone/layer1_.*")
+from cvjax.train.config import (base_config, cpu_adamw_run, select_preset, shapes_pretrained_backbone,
+                                shapes_segmentation, tiny_run)
 
 
 def _head(c):
@@ -47,30 +46,13 @@ def _shapes(c, steps: int):
   c.dataset.max_segments = 8
   _head(c)
   c.model.name = "maskformer_resnet18"
-  c.model.backbone_width = 16
-  c.model.backbone_stem = "cifar"
-  c.model.backbone_frozen_bn = False
-  c.model.backbone_frozen_stages = 1
+  shapes_pretrained_backbone(c)
   c.model.num_queries = 20
   c.model.num_decoder_layers = 3
   c.model.dropout_rate = 0.0
   c.model.attention_dropout_rate = 0.0
   c.model.activation_dropout_rate = 0.0
-  c.init.pretrain_config = "configs/resnet.py"
-  c.init.mapping = (("backbone", ""),)
-  c.optimizer.lr_multipliers = (("backbone/.*", 0.1),)
-  c.optimizer.freeze = BACKBONE_FROZEN
-  c.batch_size = 16
-  c.total_steps = steps
-  c.optimizer.name = "adamw"
-  c.optimizer.learning_rate = 1e-3
-  c.optimizer.weight_decay = 1e-4
-  c.optimizer.warmup_steps = 100
-  c.optimizer.schedule = "cosine"
-  c.optimizer.grad_clip_norm = 1.0
-  c.log_every = 50
-  c.eval_every = 500
-  c.checkpoint_every = 500
+  cpu_adamw_run(c, steps, batch_size=16, grad_clip_norm=1.0)
 
 
 def default(c):

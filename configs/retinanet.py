@@ -28,9 +28,8 @@ COCO reads TFDS `coco/2017` or a COCO-format folder (`--config.dataset.name=coco
 --config.dataset.path=<root>`) when prepared; nothing is downloaded.
 """
 
-from cvjax.train.config import base_config, detection_dataset, select_preset, shapes_detection_run, detection_tiny_run
-
-BACKBONE_FROZEN = ("backbone/conv1/.*", "backbone/bn1/.*", "backbone/layer1_.*")
+from cvjax.train.config import (FROZEN_STEM_AND_LAYER1, base_config, detection_dataset, detection_tiny_run,
+                                select_preset, shapes_detection_run)
 
 
 def _shapes(c, steps: int):
@@ -80,7 +79,7 @@ def coco_r50_1x(c):
   c.optimizer.schedule = "step"
   c.optimizer.boundaries = (60_000, 80_000)
   c.optimizer.decay_factor = 0.1
-  c.optimizer.freeze = BACKBONE_FROZEN
+  c.optimizer.freeze = FROZEN_STEM_AND_LAYER1
   c.init.torch_model = "resnet50"
   c.init.torch_model_kwargs = (("frozen_bn", True),)
   c.init.mapping = (("backbone", ""),)

@@ -14,7 +14,7 @@ Presets:
 options configs/ablations/unet.py compares.
 """
 
-from cvjax.train.config import base_config, select_preset, shapes_segmentation, tiny_run
+from cvjax.train.config import base_config, cpu_adamw_run, select_preset, shapes_segmentation, tiny_run
 
 
 def _shapes(c, steps: int):
@@ -27,16 +27,7 @@ def _shapes(c, steps: int):
   c.model.skips = True
   c.model.batch_norm = True
   c.model.dropout_rate = 0.0
-  c.batch_size = 16
-  c.total_steps = steps
-  c.optimizer.name = "adamw"
-  c.optimizer.learning_rate = 1e-3
-  c.optimizer.weight_decay = 1e-4
-  c.optimizer.warmup_steps = 100
-  c.optimizer.schedule = "cosine"
-  c.log_every = 50
-  c.eval_every = 500
-  c.checkpoint_every = 500
+  cpu_adamw_run(c, steps, batch_size=16)
 
 
 def default(c):

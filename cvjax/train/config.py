@@ -159,16 +159,10 @@ def detection_tiny_run(c: ml_collections.ConfigDict) -> None:
   c.model.backbone_width = 4
 
 
-def shapes_detection_run(c: ml_collections.ConfigDict, steps: int, batch_size: int = 16) -> None:
-  """The data and schedule of the detectors' CPU `default` presets: generated `shapes` detection at 64x64
-  (up to 8 boxes), trained from scratch with AdamW 1e-3 (weight decay 1e-4, 100 warm-up steps, cosine,
-  gradients clipped at norm 10), logged every 50 steps, evaluated every 1,000, checkpointed every 500.
-  Families set their model themselves."""
-  c.dataset.name = "shapes"
-  c.dataset.task = "detection"
-  c.dataset.config_name = "detection_64"
-  c.dataset.image_size = 64
-  c.dataset.max_boxes = 8
+def cpu_adamw_run(c: ml_collections.ConfigDict, steps: int, batch_size: int, grad_clip_norm: float = 0.0,
+                  eval_every: int = 500) -> None:
+  """The schedule of the dense-prediction CPU `default` presets: AdamW 1e-3 (weight decay 1e-4, 100 warm-up
+  steps, cosine) for ``steps`` of ``batch_size``, logged every 50 steps, checkpointed every 500."""
   c.batch_size = batch_size
   c.total_steps = steps
   c.optimizer.name = "adamw"
@@ -176,10 +170,41 @@ def shapes_detection_run(c: ml_collections.ConfigDict, steps: int, batch_size: i
   c.optimizer.weight_decay = 1e-4
   c.optimizer.warmup_steps = 100
   c.optimizer.schedule = "cosine"
-  c.optimizer.grad_clip_norm = 10.0
+  c.optimizer.grad_clip_norm = grad_clip_norm
   c.log_every = 50
-  c.eval_every = 1000
+  c.eval_every = eval_every
   c.checkpoint_every = 500
+
+
+# DETR and MaskFormer keep the stem and first stage of their ImageNet backbone as they are.
+FROZEN_STEM_AND_LAYER1 = ("backbone/conv1/.*", "backbone/bn1/.*", "backbone/layer1_.*")
+
+
+def shapes_pretrained_backbone(c: ml_collections.ConfigDict) -> None:
+  """A ResNet-18 backbone (width 16, CIFAR stem) that starts as the query-based detectors' ImageNet backbone
+  would: trained first on shapes classification (configs/resnet.py's default run, in <workdir>/pretrain), its
+  lr 0.1x, its stem and layer1 frozen -- parameters and batch-norm statistics -- while layer2..4's batch norm
+  keeps training (the backbone saw only shapes)."""
+  c.model.backbone_width = 16
+  c.model.backbone_stem = "cifar"
+  c.model.backbone_frozen_bn = False
+  c.model.backbone_frozen_stages = 1
+  c.init.pretrain_config = "configs/resnet.py"
+  c.init.mapping = (("backbone", ""),)
+  c.optimizer.lr_multipliers = (("backbone/.*", 0.1),)
+  c.optimizer.freeze = FROZEN_STEM_AND_LAYER1
+
+
+def shapes_detection_run(c: ml_collections.ConfigDict, steps: int, batch_size: int = 16) -> None:
+  """The data and schedule of the detectors' CPU `default` presets: generated `shapes` detection at 64x64
+  (up to 8 boxes), trained from scratch with `cpu_adamw_run` (gradients clipped at norm 10), evaluated every
+  1,000 steps. Families set their model themselves."""
+  c.dataset.name = "shapes"
+  c.dataset.task = "detection"
+  c.dataset.config_name = "detection_64"
+  c.dataset.image_size = 64
+  c.dataset.max_boxes = 8
+  cpu_adamw_run(c, steps, batch_size, grad_clip_norm=10.0, eval_every=1000)
 
 
 def shapes_segmentation(c: ml_collections.ConfigDict, image_size: int = 64) -> None:
