@@ -4,7 +4,14 @@ Presets:
   default   FCN-8s on the generated `shapes` label maps at 64x64 (7 classes: background + 6 shapes): VGG-16 at
             width 16 with batch norm (the paper's VGG-16 has none, and starts from ImageNet weights; this one
             trains from scratch), fc6/fc7 256 wide, 'same' geometry (input_padding 0: no 100-pixel pad), batch
-            16, AdamW 1e-3, cosine. Goal: validation mIoU >= 0.80 within 15 minutes on a 2-core CPU.
+            16, AdamW 1e-3, cosine, 2,000 steps. Goal: validation mIoU >= 0.80 within 15 minutes on a 2-core CPU
+            -- NOT met yet. Measured 2026-12-04 on a loaded 2-core machine (load average 4-6, so the minutes are
+            upper bounds): 2,000 steps (this preset) mIoU 0.189 / 0.367 / 0.491 / 0.526 at steps 500..2000
+            (14.4 min); `--config.total_steps=5000`: 0.373 / 0.605 / 0.690 / 0.715 / 0.722 at steps 1000..5000
+            (21.2 min, 3.8 steps/s). Background is learnt first (IoU 0.89 at step 500), the shapes' classes
+            slowly: from scratch the net has to learn shape identity itself, where the paper starts from an
+            ImageNet VGG. A shapes-pretrained VGG-16 is the next lever (its classification run sat at chance
+            for the first 450 steps of a trial, as configs/resnet.py's does).
   fcn32s, fcn16s  the same with the coarser nets (configs/ablations/fcn_skips.py compares the three).
   voc_fcn8s the paper's FCN-8s recipe (Sec. 4.3 / Table 2): PASCAL VOC 2011 segmentation train (the paper adds
             SBD's 8,498 images: point `dataset.path` at a VOCdevkit-layout folder holding both), VGG-16 from
