@@ -19,7 +19,8 @@ ALLOWED = {
     "evaluation": {"evaluation", "viz", "ops"},   # ops is the bottom layer (the segm evaluator pastes masks)
     "data": {"data", "registry"},
     "convert": {"convert", "models", "ops"},
-    "tasks": {"tasks", "ops", "evaluation", "registry"},
+    # tasks sit above models (MaskFormer's evaluation runs the model family's semantic / panoptic inference)
+    "tasks": {"tasks", "ops", "models", "evaluation", "registry"},
     "train": {"train", "data", "models", "tasks", "convert", "evaluation", "viz", "ops"},
 }
 

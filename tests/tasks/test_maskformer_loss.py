@@ -210,8 +210,19 @@ def test_task_loss_reads_segment_keys_and_is_registered():
   np.testing.assert_allclose(loss, maskformer_loss(outputs, targets)[0], rtol=1e-6)
   assert {"loss", *LOSS_KEYS, "class_error", "num_masks"} <= set(metrics)
   assert all(np.shape(s) == np.shape(c) == () for s, c in metrics.values())
-  with pytest.raises(NotImplementedError, match="mask_classification"):
-    task.evaluator()
+  # Evaluation: semantic inference's label maps at the input resolution, scored by the split's confusion matrix
+  # (the default task config is panoptic, so a dataset without things makes every class stuff).
+  batch["label_map"] = np.zeros((2,) + TARGET_SIZE, np.int32)
+  eval_out = jax.device_get(jax.jit(task.eval_outputs)(outputs, batch))
+  assert eval_out["prediction"].shape == (2,) + TARGET_SIZE and eval_out["panoptic"].shape == (2,) + TARGET_SIZE + (2,)
+  np.testing.assert_array_equal(eval_out["confusion"].sum((1, 2)), [TARGET_SIZE[0] * TARGET_SIZE[1]] * 2)
+  evaluator = task.evaluator()
+  evaluator.update(eval_out, inputs={"image": batch["image"], "label_map": batch["label_map"],
+                                     "panoptic": np.zeros((2,) + TARGET_SIZE + (2,), np.int32)})
+  scalars, _ = evaluator.result()
+  expected = float((eval_out["prediction"] == 0).mean())
+  np.testing.assert_allclose(scalars["pixel_accuracy"], expected, rtol=1e-6)
+  assert 0.0 <= scalars["pq"] <= 1.0
 
 
 def test_bad_target_shapes_are_named():
