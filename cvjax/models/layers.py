@@ -221,6 +221,56 @@ class Conv(nn.Module):
     return y + bias if bias is not None else y
 
 
+def conv_transpose2d(x: jnp.ndarray, kernel: jnp.ndarray, stride: int) -> jnp.ndarray:
+  """Unpadded 2-D transposed convolution with PyTorch's / Caffe's semantics (the gradient of a strided conv).
+
+  ``out[y, x', o] = sum_{i, j, c} in[i, j, c] * kernel[y - stride * i, x' - stride * j, c, o]``.
+
+  Args:
+    x: ``[B, H, W, Cin]``.
+    kernel: ``[KH, KW, Cin, Cout]`` (PyTorch's ``ConvTranspose2d.weight`` ``[Cin, Cout, KH, KW]`` transposed
+      ``(2, 3, 0, 1)``).
+    stride: the upsampling factor.
+
+  Returns:
+    ``[B, (H - 1) * stride + KH, (W - 1) * stride + KW, Cout]``.
+  """
+  kh, kw = kernel.shape[:2]
+  if kh == kw == stride:
+    # Non-overlapping taps (U-Net's and Mask R-CNN's 2x2 / 2): output pixel (s i + a, s j + b) is x[i, j] @
+    # kernel[a, b] -- one matmul and a depth-to-space, ~10x faster on CPU than the dilated convolution below.
+    b, h, w, _ = x.shape
+    return jnp.einsum("bijc,adco->biajdo", x, kernel).reshape(b, stride * h, stride * w, kernel.shape[-1])
+  # The scatter above is a correlation of the stride-dilated input with the flipped kernel, fully padded.
+  return lax.conv_general_dilated(x, kernel[::-1, ::-1], (1, 1), ((kh - 1, kh - 1), (kw - 1, kw - 1)),
+                                  lhs_dilation=(stride, stride), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+class ConvTranspose(nn.Module):
+  """PyTorch's ``ConvTranspose2d(Cin, features, kernel_size, stride)`` (no padding) as ``conv_transpose2d``.
+
+  Variables ``kernel [k, k, Cin, features]`` (PyTorch's weight transposed ``(2, 3, 0, 1)``, *not* flipped: the
+  taps of flax's ``nn.ConvTranspose`` are the mirror image) and ``bias [features]`` when ``use_bias``.
+  """
+  features: int
+  kernel_size: int
+  stride: int
+  use_bias: bool = True
+  kernel_init: Callable = nn.linear.default_kernel_init  # flax's nn.ConvTranspose default (LeCun normal)
+  bias_init: Callable = nn.initializers.zeros
+  dtype: Dtype | None = None
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    """``[B, h, w, Cin]`` -> ``[B, (h - 1) * stride + k, (w - 1) * stride + k, features]``."""
+    kernel = self.param("kernel", self.kernel_init, (self.kernel_size, self.kernel_size, x.shape[-1],
+                                                     self.features), jnp.float32)
+    bias = self.param("bias", self.bias_init, (self.features,), jnp.float32) if self.use_bias else None
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+    y = conv_transpose2d(x, kernel, self.stride)
+    return y + bias if bias is not None else y
+
+
 class FrozenBatchNorm(nn.Module):
   """Batch norm that always normalises with its stored statistics and is never trained.
 

@@ -252,3 +252,35 @@ def test_max_pool_propagates_nan():
   x = jnp.zeros((1, 4, 4, 1)).at[0, 1, 1, 0].set(jnp.nan)
   y = layers.max_pool(x, 2, 2, impl="patches")
   assert np.isnan(y[0, 0, 0, 0]) and not np.isnan(y[0, 1, 1, 0])
+
+
+# ---- transposed convolution ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("stride, kernel_hw", [(2, (4, 4)), (3, (5, 2)), (1, (3, 3)), (2, (2, 2)), (4, (4, 4))])
+def test_conv_transpose2d_is_pytorchs(stride, kernel_hw):
+  """Overlapping taps (the dilated-convolution path) and kernel == stride (the matmul + depth-to-space path)."""
+  x = RNG.standard_normal((2, 3, 5, 4), dtype=np.float32)  # NCHW
+  weight = RNG.standard_normal((3, 6, *kernel_hw), dtype=np.float32)  # PyTorch's [Cin, Cout, KH, KW]
+  expected = torch.nn.functional.conv_transpose2d(torch.from_numpy(x), torch.from_numpy(weight), stride=stride)
+  ours = layers.conv_transpose2d(jnp.asarray(x.transpose(0, 2, 3, 1)), jnp.asarray(weight.transpose(2, 3, 0, 1)),
+                                 stride)
+  np.testing.assert_allclose(ours, expected.numpy().transpose(0, 2, 3, 1), rtol=1e-5, atol=1e-5)
+
+
+def test_conv_transpose_module_is_pytorchs_with_bias_and_gradients():
+  reference = torch.nn.ConvTranspose2d(4, 3, 2, stride=2)
+  with torch.no_grad():
+    reference.bias.normal_()
+  x = torch.from_numpy(RNG.standard_normal((2, 4, 3, 5), dtype=np.float32)).requires_grad_()
+  expected = reference(x)
+  (expected ** 2).sum().backward()
+  module = layers.ConvTranspose(3, 2, 2)
+  variables = {"params": {"kernel": jnp.asarray(reference.weight.detach().numpy().transpose(2, 3, 0, 1)),
+                          "bias": jnp.asarray(reference.bias.detach().numpy())}}
+  xj = jnp.asarray(x.detach().numpy().transpose(0, 2, 3, 1))
+  np.testing.assert_allclose(module.apply(variables, xj), expected.detach().numpy().transpose(0, 2, 3, 1),
+                             rtol=1e-5, atol=1e-5)
+  grads = jax.grad(lambda v, x: (module.apply(v, x) ** 2).sum(), argnums=(0, 1))(variables, xj)
+  np.testing.assert_allclose(grads[1], x.grad.numpy().transpose(0, 2, 3, 1), rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(grads[0]["params"]["kernel"], reference.weight.grad.numpy().transpose(2, 3, 0, 1),
+                             rtol=1e-4, atol=1e-4)

@@ -102,11 +102,10 @@ class MaskHead(nn.Module):
     for i in range(self.num_convs):
       x = nn.relu(layers.Conv(self.channels, 3, padding=1, kernel_init=_mask_init, impl=self.layer_impl,
                               name=f"mask_head_{i}")(x))
-    # ConvTranspose2d(k=2, s=2): output pixel (2i + a, 2j + b) = x[i, j] @ kernel[a, b]; no overlap, no flip.
+    # ConvTranspose2d(k=2, s=2) (its variables keep torchvision's conv5_mask name).
     kernel = self.param("conv5_mask_kernel", _mask_init, (2, 2, x.shape[-1], self.channels))
     bias = self.param("conv5_mask_bias", nn.initializers.zeros, (self.channels,))
-    k, h, w = x.shape[:3]
-    x = jnp.einsum("kijc,abco->kiajbo", x, kernel).reshape(k, 2 * h, 2 * w, self.channels) + bias
+    x = layers.conv_transpose2d(x, kernel, 2) + bias
     x = nn.relu(x)
     return layers.Conv(self.num_classes, 1, padding=0, kernel_init=_mask_init, impl=self.layer_impl,
                        name="mask_fcn_logits")(x)

@@ -49,11 +49,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 
 from cvjax.models import layers
 from cvjax.models.backbones.resnet import ResNet
 from cvjax.models.backbones.vgg import VGG, VGG_CHANNELS
+from cvjax.models.layers import conv_transpose2d  # noqa: F401  (FCN's upsampling, re-exported)
 from cvjax.models.registry import MODELS
 
 
@@ -82,26 +82,6 @@ def per_class_bilinear_init(key, shape, dtype=jnp.float32) -> jnp.ndarray:
   f = bilinear_filter(size)
   kernel = np.einsum("i,j,cd->ijcd", f, f, np.eye(channels, dtype=np.float32))
   return jnp.asarray(kernel, dtype)
-
-
-def conv_transpose2d(x: jnp.ndarray, kernel: jnp.ndarray, stride: int) -> jnp.ndarray:
-  """Unpadded 2-D transposed convolution with PyTorch's / Caffe's semantics (the gradient of a strided conv).
-
-  ``out[y, x', o] = sum_{i, j, c} in[i, j, c] * kernel[y - stride * i, x' - stride * j, c, o]``.
-
-  Args:
-    x: ``[B, H, W, Cin]``.
-    kernel: ``[KH, KW, Cin, Cout]`` (PyTorch's ``ConvTranspose2d.weight`` ``[Cin, Cout, KH, KW]`` transposed
-      ``(2, 3, 0, 1)``).
-    stride: the upsampling factor.
-
-  Returns:
-    ``[B, (H - 1) * stride + KH, (W - 1) * stride + KW, Cout]``.
-  """
-  kh, kw = kernel.shape[:2]
-  # The scatter above is a correlation of the stride-dilated input with the flipped kernel, fully padded.
-  return lax.conv_general_dilated(x, kernel[::-1, ::-1], (1, 1), ((kh - 1, kh - 1), (kw - 1, kw - 1)),
-                                  lhs_dilation=(stride, stride), dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
 def _upsampling_matrix(size_in: int, factor: int, offset: int, size_out: int) -> np.ndarray:
@@ -137,24 +117,6 @@ def fixed_bilinear_upsample(x: jnp.ndarray, factor: int, offset: int, size: Tupl
   rows = jnp.asarray(_upsampling_matrix(h, factor, offset, size[0]), x.dtype)
   cols = jnp.asarray(_upsampling_matrix(w, factor, offset, size[1]), x.dtype)
   return jnp.einsum("yh,bhwc,xw->byxc", rows, x, cols)
-
-
-class ConvTranspose(nn.Module):
-  """A learnable, bias-free ``conv_transpose2d`` (``kernel [k, k, Cin, features]``), as Caffe's
-  ``Deconvolution`` with ``bias_term: false`` in the FCN nets; bilinear per class at init."""
-  features: int
-  kernel_size: int
-  stride: int
-  kernel_init: Callable = per_class_bilinear_init
-  dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-    """``[B, h, w, Cin]`` -> ``[B, (h - 1) * stride + k, (w - 1) * stride + k, features]``."""
-    kernel = self.param("kernel", self.kernel_init, (self.kernel_size, self.kernel_size, x.shape[-1],
-                                                     self.features), jnp.float32)
-    x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
-    return conv_transpose2d(x, kernel, self.stride)
 
 
 # ---- the paper's VGG-16 FCNs -------------------------------------------------------------------------------
@@ -245,8 +207,9 @@ class FCN(nn.Module):
     y = score(name="score_fr")(y)
 
     for stage, pool in enumerate(SKIP_POOLS[self.stride]):
-      upsampled = ConvTranspose(self.num_classes, 4, 2, dtype=self.dtype,
-                                name="upscore2" if stage == 0 else f"upscore_pool{pool + 1}")(y)
+      # Learnable, bias-free (Caffe's Deconvolution with bias_term: false), bilinear per class at init.
+      upsampled = layers.ConvTranspose(self.num_classes, 4, 2, use_bias=False,
+                                       kernel_init=per_class_bilinear_init, dtype=self.dtype, name="upscore2" if stage == 0 else f"upscore_pool{pool + 1}")(y)
       skip = score(name=f"score_pool{pool}")(pools[f"pool{pool}"])
       skip_offset, up_offset = geometry.skip_offsets[pool], geometry.upsampled_offset
       # The common extent: the upsampled map's with input_padding=100 (Caffe crops the skip to it), the skip's

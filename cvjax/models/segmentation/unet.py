@@ -134,7 +134,7 @@ class UNet(nn.Module):
     for level in reversed(range(self.depth)):
       features = self.width * 2**level
       if self.upsample == "transpose":
-        x = nn.ConvTranspose(features, (2, 2), strides=(2, 2), dtype=self.dtype, name=f"up{level}_upconv")(x)
+        x = layers.ConvTranspose(features, 2, 2, dtype=self.dtype, name=f"up{level}_upconv")(x)
       else:
         b, h, w, c = x.shape
         x = jax.image.resize(x, (b, 2 * h, 2 * w, c), "bilinear")

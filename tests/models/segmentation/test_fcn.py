@@ -61,15 +61,6 @@ def test_bilinear_filter_is_caffes():
   assert f.shape == (64,) and f[31] == f[32] == 1 - 0.5 / 32 and f[0] == 0.5 / 32
 
 
-@pytest.mark.parametrize("stride, kernel_hw", [(2, (4, 4)), (3, (5, 2)), (1, (3, 3))])
-def test_conv_transpose2d_is_pytorchs(stride, kernel_hw):
-  x = RNG.standard_normal((2, 3, 5, 4), dtype=np.float32)  # NCHW
-  weight = RNG.standard_normal((3, 6, *kernel_hw), dtype=np.float32)  # PyTorch's [Cin, Cout, KH, KW]
-  expected = torch.nn.functional.conv_transpose2d(torch.from_numpy(x), torch.from_numpy(weight), stride=stride)
-  ours = fcn.conv_transpose2d(jnp.asarray(x.transpose(0, 2, 3, 1)), jnp.asarray(weight.transpose(2, 3, 0, 1)), stride)
-  np.testing.assert_allclose(ours, expected.numpy().transpose(0, 2, 3, 1), rtol=1e-5, atol=1e-5)
-
-
 @pytest.mark.parametrize("factor", [2, 8, 32])
 def test_bilinear_kernels_reproduce_constant_and_linear_maps(factor):
   """Away from its borders (outputs y in [s, n s)) the per-class bilinear transposed conv returns a constant

@@ -39,7 +39,8 @@ def test_logits_at_input_resolution(options):
 
 def test_valid_output_pixel_sees_the_input_around_it():
   """Output pixel (i, j) of the mirrored-tile valid U-Net depends on input pixels centred on (i, j): the
-  centroid of |d logit(i, j) / d input| is within a pixel of (i, j). A wrong tile offset moves it by dozens."""
+  centroid of |d logit(i, j) / d input| is within two pixels of (i, j) (random weights make the receptive field
+  lopsided by about a pixel). A wrong tile offset moves it by dozens."""
   model = UNet(num_classes=1, width=4, depth=2, padding="valid")
   images = jax.random.normal(jax.random.key(0), (1, 48, 48, 3))
   variables = model.init(jax.random.key(1), images, train=False)
@@ -49,7 +50,7 @@ def test_valid_output_pixel_sees_the_input_around_it():
     weight = np.abs(np.asarray(grad[0])).sum(-1)
     rows, cols = np.mgrid[0:48, 0:48]
     centroid = (weight * rows).sum() / weight.sum(), (weight * cols).sum() / weight.sum()
-    assert abs(centroid[0] - i) < 1.0 and abs(centroid[1] - j) < 1.0, (i, j, centroid)
+    assert abs(centroid[0] - i) < 2.0 and abs(centroid[1] - j) < 2.0, (i, j, centroid)
 
 
 def test_skips_and_upsampling_change_the_network():
