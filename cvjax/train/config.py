@@ -100,6 +100,8 @@ def shapes_classification(c: ml_collections.ConfigDict, image_size: int = 32) ->
   c.dataset.image_size = image_size
   c.dataset.augment = True
   c.dataset.crop_scale = (0.35, 1.0)   # random-resized-crop area range
+  # Square crops: a stretched circle is an ellipse, another class (the crops' default ratio is 3/4..4/3).
+  c.dataset.crop_ratio = (1.0, 1.0)
 
 
 def scale_augmentation_keys(c: ml_collections.ConfigDict) -> None:
@@ -160,13 +162,13 @@ def detection_tiny_run(c: ml_collections.ConfigDict) -> None:
 
 
 def cpu_adamw_run(c: ml_collections.ConfigDict, steps: int, batch_size: int, grad_clip_norm: float = 0.0,
-                  eval_every: int = 500) -> None:
-  """The schedule of the dense-prediction CPU `default` presets: AdamW 1e-3 (weight decay 1e-4, 100 warm-up
-  steps, cosine) for ``steps`` of ``batch_size``, logged every 50 steps, checkpointed every 500."""
+                  eval_every: int = 500, learning_rate: float = 1e-3) -> None:
+  """The schedule of the dense-prediction CPU `default` presets: AdamW (``learning_rate``, weight decay 1e-4,
+  100 warm-up steps, cosine) for ``steps`` of ``batch_size``, logged every 50 steps, checkpointed every 500."""
   c.batch_size = batch_size
   c.total_steps = steps
   c.optimizer.name = "adamw"
-  c.optimizer.learning_rate = 1e-3
+  c.optimizer.learning_rate = learning_rate
   c.optimizer.weight_decay = 1e-4
   c.optimizer.warmup_steps = 100
   c.optimizer.schedule = "cosine"
