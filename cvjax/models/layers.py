@@ -271,6 +271,29 @@ class ConvTranspose(nn.Module):
     return y + bias if bias is not None else y
 
 
+def torch_dense(features: int, fan_in: int, name: str | None = None) -> nn.Dense:
+  """``nn.Dense`` initialised as PyTorch's default ``nn.Linear(fan_in, features)``."""
+  return nn.Dense(features, kernel_init=torch_default_kernel_init, bias_init=torch_default_bias_init(fan_in),
+                  name=name)
+
+
+class PredictionMLP(nn.Module):
+  """The query heads of DETR-style models (DETR's box MLP, MaskFormer's mask embedder): ``num_layers``
+  PyTorch-initialised Dense layers ``layers_<i>``, ReLU between, ``[..., d]`` -> ``[..., output_dim]``."""
+  hidden_dim: int
+  output_dim: int
+  num_layers: int = 3
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    for i in range(self.num_layers):
+      last = i == self.num_layers - 1
+      x = torch_dense(self.output_dim if last else self.hidden_dim, x.shape[-1], f"layers_{i}")(x)
+      if not last:
+        x = nn.relu(x)
+    return x
+
+
 class FrozenBatchNorm(nn.Module):
   """Batch norm that always normalises with its stored statistics and is never trained.
 

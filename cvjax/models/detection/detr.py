@@ -33,28 +33,6 @@ from cvjax.models.detection import position_encoding, transformer
 from cvjax.models.registry import MODELS
 
 
-def _torch_default_dense(features: int, fan_in: int, name: Optional[str] = None) -> nn.Dense:
-  """``nn.Dense`` initialised as PyTorch's default ``nn.Linear(fan_in, features)``."""
-  return nn.Dense(features, kernel_init=layers.torch_default_kernel_init,
-                  bias_init=layers.torch_default_bias_init(fan_in), name=name)
-
-
-class BoxHead(nn.Module):
-  """DETR's box MLP: ``num_layers`` Dense layers of width ``hidden_dim`` (relu between), the last to 4,
-  then a sigmoid. ``[..., d]`` -> ``[..., 4]`` normalised ``cxcywh``."""
-  hidden_dim: int
-  num_layers: int = 3
-
-  @nn.compact
-  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-    for i in range(self.num_layers):
-      last = i == self.num_layers - 1
-      x = _torch_default_dense(4 if last else self.hidden_dim, x.shape[-1], name=f"layers_{i}")(x)
-      if not last:
-        x = nn.relu(x)
-    return nn.sigmoid(x)
-
-
 class LearnedPositionEmbedding(nn.Module):
   """DETR's learned position embedding (the paper's positional-encoding ablation; HF ``'learned'``).
 
@@ -145,7 +123,8 @@ class DETR(nn.Module):
 
   def _heads(self, hidden: jnp.ndarray) -> Dict[str, jnp.ndarray]:
     """Decoder states ``[..., Q, d]`` -> ``pred_logits [..., Q, num_classes + 1]``, ``pred_boxes [..., Q, 4]``."""
-    return {"pred_logits": self.class_labels_classifier(hidden), "pred_boxes": self.bbox_predictor(hidden)}
+    return {"pred_logits": self.class_labels_classifier(hidden),
+            "pred_boxes": nn.sigmoid(self.bbox_predictor(hidden))}
 
   def setup(self):
     self.backbone = ResNet(
@@ -178,8 +157,8 @@ class DETR(nn.Module):
         num_layers=self.num_decoder_layers, num_heads=self.decoder_num_heads or self.num_heads,
         ffn_dim=self.decoder_ffn_dim or self.ffn_dim, feed_normed_outputs=self.decoder_feed_normed_outputs,
         **settings)
-    self.class_labels_classifier = _torch_default_dense(self.num_classes + 1, self.d_model)
-    self.bbox_predictor = BoxHead(self.d_model)
+    self.class_labels_classifier = layers.torch_dense(self.num_classes + 1, self.d_model)
+    self.bbox_predictor = layers.PredictionMLP(self.d_model, 4)  # normalised cxcywh after a sigmoid
 
   def __call__(self, images: jnp.ndarray, *, pixel_mask: Optional[jnp.ndarray] = None,
                train: bool) -> Dict[str, Any]:

@@ -59,12 +59,6 @@ AUX_SEMANTICS = ("paper", "hf")
 c2_xavier_fill = fpn_kernel_init
 
 
-def _torch_default_dense(features: int, fan_in: int, name: str) -> nn.Dense:
-  """``nn.Dense`` initialised as PyTorch's default ``nn.Linear(fan_in, features)``."""
-  return nn.Dense(features, kernel_init=layers.torch_default_kernel_init,
-                  bias_init=layers.torch_default_bias_init(fan_in), name=name)
-
-
 class ConvNormReLU(nn.Module):
   """Bias-free ``kernel_size`` conv -> GroupNorm(32) -> ReLU (HF ``MaskFormerFPNConvLayer``: ``conv`` is its
   ``.0``, ``norm`` its ``.1``); ``relu=False`` is the lateral projection (HF ``MaskFormerFPNLayer.proj``)."""
@@ -123,23 +117,6 @@ class PixelDecoder(nn.Module):
       x = FPNLayer(self.feature_size, self.dtype, self.layer_impl, name=f"layers_{i}")(x, lateral)
     return layers.Conv(self.mask_feature_size, 3, padding=1, dtype=self.dtype, kernel_init=c2_xavier_fill,
                        impl=self.layer_impl, name="mask_projection")(x)
-
-
-class MaskEmbedder(nn.Module):
-  """``num_layers`` Dense layers (``layers_<i>``; ReLU between), ``[..., d]`` -> ``[..., output_dim]`` (HF
-  ``MaskformerMLPPredictionHead``)."""
-  hidden_dim: int
-  output_dim: int
-  num_layers: int = 3
-
-  @nn.compact
-  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-    for i in range(self.num_layers):
-      last = i == self.num_layers - 1
-      x = _torch_default_dense(self.output_dim if last else self.hidden_dim, x.shape[-1], f"layers_{i}")(x)
-      if not last:
-        x = nn.relu(x)
-    return x
 
 
 class MaskFormer(nn.Module):
@@ -282,8 +259,9 @@ class MaskFormer(nn.Module):
             decoder_input, memory, query_position=query_position, memory_position=position, train=train,
             return_layer_outputs=True)
 
-    class_predictor = _torch_default_dense(self.num_classes + 1, self.d_model, "class_predictor")
-    mask_embedder = MaskEmbedder(self.d_model, self.mask_feature_size, name="mask_embedder")
+    class_predictor = layers.torch_dense(self.num_classes + 1, self.d_model, "class_predictor")
+    # HF MaskformerMLPPredictionHead
+    mask_embedder = layers.PredictionMLP(self.d_model, self.mask_feature_size, name="mask_embedder")
 
     def heads(states):  # [..., B, Q, d] -> logits [..., B, Q, K + 1], masks [..., B, Q, h, w]
       return class_predictor(states), jnp.einsum("...bqc,bhwc->...bqhw", mask_embedder(states), pixel_embeddings)
