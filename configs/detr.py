@@ -24,9 +24,12 @@ Presets:
                 there. A 1,500-step cosine schedule is not a faster way there: 0.533 at step 1,250, 0.538 final.
                 Again on a fresh clone on 2026-12-04 (empty data dir; pretraining 8.2 min, 95.2% top-1): step
                 500: 0.246 / 0.086 (14.2 min), step 1000: 0.473 / 0.246 (19.2 min) — just short of the goal at
-                20 minutes (run stopped there). A shorter pretraining is no shortcut: configs/resnet.py's recipe
-                only starts to learn after ~450 steps (train loss 1.76 at step 250, 0.78 at 550), and a
-                400-step run of it reached 23.9% top-1.
+                20 minutes (run stopped there). Once more on 2026-12-04 with square pretraining crops (empty
+                data dir; pretraining 9.3 min, 95.7% top-1): step 500: 0.237 / 0.078 (13.7 min), step 1000:
+                0.435 / 0.184 (18.1 min) -- the same, within run-to-run spread. A shorter pretraining is no
+                shortcut: configs/resnet.py's recipe only starts to learn after ~450 steps (train loss 1.76 at
+                step 250, 0.78 at 550), a 400-step run of it reached 23.9% top-1, AdamW 2e-3 for 600 steps
+                89.7%, and a 79.5% backbone (batch 64) cut DETR's AP50 at step 500 from 0.25 to 0.09.
   coco_r50      the paper's COCO recipe (Sec. 4 / Table 1, "DETR" R50): AdamW lr 1e-4, backbone lr 1e-5, weight
                 decay 1e-4, batch 64, grad-norm clip 0.1, 300 epochs with lr x0.1 at epoch 200, dropout 0.1,
                 multi-scale training (shorter side 480..800, max 1333) with random crops (DETR's 0.5 branch:
