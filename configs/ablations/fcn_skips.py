@@ -9,7 +9,9 @@ paper, which trains 16s from 32s and 8s from 16s, each variant here trains from 
 
 Presets:
   default  the `configs/fcn.py:default` model, data and schedule shape at 1,000 steps per variant, evaluated at
-           the end.
+           the end. Measured 2026-12-04 (2-core CPU shared with another training, so the wall times are upper
+           bounds), validation mIoU / pixel accuracy: fcn32s 0.154 / 0.759, fcn16s 0.439 / 0.850, fcn8s 0.508 /
+           0.888 -- the paper's ordering, with much wider gaps at 64x64, where a stride-32 map is 2x2.
   tiny     2 steps of `configs/fcn.py:tiny` for two of the variants, for tests.
 """
 
