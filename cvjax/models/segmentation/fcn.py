@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, Dict, Sequence, Tuple
+from typing import Any, Dict, Sequence, Tuple
 
 import flax.linen as nn
 import jax
@@ -53,7 +53,6 @@ import numpy as np
 from cvjax.models import layers
 from cvjax.models.backbones.resnet import ResNet
 from cvjax.models.backbones.vgg import VGG, VGG_CHANNELS
-from cvjax.models.layers import conv_transpose2d  # noqa: F401  (FCN's upsampling, re-exported)
 from cvjax.models.registry import MODELS
 
 
@@ -208,8 +207,9 @@ class FCN(nn.Module):
 
     for stage, pool in enumerate(SKIP_POOLS[self.stride]):
       # Learnable, bias-free (Caffe's Deconvolution with bias_term: false), bilinear per class at init.
-      upsampled = layers.ConvTranspose(self.num_classes, 4, 2, use_bias=False,
-                                       kernel_init=per_class_bilinear_init, dtype=self.dtype, name="upscore2" if stage == 0 else f"upscore_pool{pool + 1}")(y)
+      name = "upscore2" if stage == 0 else f"upscore_pool{pool + 1}"
+      upsampled = layers.ConvTranspose(self.num_classes, 4, 2, use_bias=False, kernel_init=per_class_bilinear_init,
+                                       dtype=self.dtype, name=name)(y)
       skip = score(name=f"score_pool{pool}")(pools[f"pool{pool}"])
       skip_offset, up_offset = geometry.skip_offsets[pool], geometry.upsampled_offset
       # The common extent: the upsampled map's with input_padding=100 (Caffe crops the skip to it), the skip's

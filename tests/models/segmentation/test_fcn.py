@@ -23,6 +23,7 @@ from flax import traverse_util
 from cvjax.models import create_model
 from cvjax.models.backbones.resnet import ResNet
 from cvjax.models.backbones.vgg import VGG, VGG_CHANNELS
+from cvjax.models import layers
 from cvjax.models.segmentation import fcn
 
 RNG = np.random.default_rng(0)
@@ -69,7 +70,7 @@ def test_bilinear_kernels_reproduce_constant_and_linear_maps(factor):
   rows = np.arange(n, dtype=np.float32)
   maps = np.stack(np.broadcast_arrays(np.float32(3.0), rows[:, None], 2 * rows[None, :]), -1)  # [n, n, 3]
   kernel = fcn.per_class_bilinear_init(None, (k, k, 3, 3))
-  out = np.asarray(fcn.conv_transpose2d(jnp.asarray(maps[None]), kernel, factor))[0]
+  out = np.asarray(layers.conv_transpose2d(jnp.asarray(maps[None]), kernel, factor))[0]
   assert out.shape == ((n - 1) * factor + k,) * 2 + (3,)
   position = (np.arange(out.shape[0]) - (k - 1) / 2) / factor
   py, px = np.meshgrid(position, position, indexing="ij")
@@ -79,14 +80,14 @@ def test_bilinear_kernels_reproduce_constant_and_linear_maps(factor):
   # Per class: a map in one class leaves the others at zero.
   one_hot = np.zeros((1, n, n, 3), np.float32)
   one_hot[0, 2, 3, 1] = 1.0
-  spread = np.asarray(fcn.conv_transpose2d(jnp.asarray(one_hot), kernel, factor))[0]
+  spread = np.asarray(layers.conv_transpose2d(jnp.asarray(one_hot), kernel, factor))[0]
   assert spread[..., 1].max() > 0 and not spread[..., [0, 2]].any()
 
 
 @pytest.mark.parametrize("factor, offset, size", [(32, 19, (40, 51)), (8, 4, (24, 24)), (16, 0, (20, 3))])
 def test_fixed_upsampling_is_the_cropped_per_class_transposed_conv(factor, offset, size):
   x = RNG.standard_normal((2, 3, 4, 5), dtype=np.float32)
-  full = fcn.conv_transpose2d(jnp.asarray(x), fcn.per_class_bilinear_init(None, (2 * factor, 2 * factor, 5, 5)),
+  full = layers.conv_transpose2d(jnp.asarray(x), fcn.per_class_bilinear_init(None, (2 * factor, 2 * factor, 5, 5)),
                               factor)
   ours = fcn.fixed_bilinear_upsample(jnp.asarray(x), factor, offset, size)
   np.testing.assert_allclose(ours, full[:, offset:offset + size[0], offset:offset + size[1]], atol=1e-5)
