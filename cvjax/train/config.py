@@ -69,6 +69,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.optimizer.lr_multipliers = ()
   c.optimizer.freeze = ()                # regexes of parameter paths that are not updated at all
 
+  # An exponential moving average of the weights in the train state (cvjax/train/ema.py).
+  c.ema = ml_collections.ConfigDict()
+  c.ema.momentum = 0.0                   # 0: no EMA; per-step m of ema <- m * ema + (1 - m) * weights
+  c.ema.schedule = "constant"            # constant | cosine (m rises to end_momentum over the run, as DINO's)
+  c.ema.end_momentum = 1.0               # cosine: the momentum at the last step
+  c.ema.evaluate = False                 # evaluate and explain the EMA weights instead of the trained ones
+
   # --mode=explain (models that can return attention weights, e.g. ViT): attention maps of validation images.
   c.explain = ml_collections.ConfigDict()
   c.explain.num_images = 4               # the first N images of dataset.eval_split

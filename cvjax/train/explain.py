@@ -37,12 +37,13 @@ def returns_attention(model) -> bool:
   return "return_attention" in inspect.signature(type(model).__call__).parameters
 
 
-def _explain_step(model, task, state, batch: Dict[str, jax.Array]) -> Dict[str, jax.Array]:
-  """The eval-mode forward pass of the train loop with ``return_attention=True``; attentions stacked to
-  ``[B, L, heads, N, N]``. The batch's image, label and mask come back with them, gathered over processes."""
+def _explain_step(model, task, use_ema: bool, state, batch: Dict[str, jax.Array]) -> Dict[str, jax.Array]:
+  """The eval-mode forward pass of the train loop with ``return_attention=True`` (of the EMA weights with
+  ``use_ema``); attentions stacked to ``[B, L, heads, N, N]``. The batch's image, label and mask come back with
+  them, gathered over processes."""
   args, kwargs = task.model_inputs(batch)
-  outputs, attentions = model.apply({"params": state.params, "batch_stats": state.batch_stats}, *args,
-                                    train=False, return_attention=True, **kwargs)
+  outputs, attentions = model.apply(state.eval_variables(use_ema), *args, train=False, return_attention=True,
+                                    **kwargs)
   keep = {k: batch[k] for k in ("image", "label", "mask") if k in batch}
   return dict(keep, outputs=outputs, attentions=jnp.stack(attentions, axis=1))
 
@@ -56,7 +57,7 @@ def _collect(exp: trainer.Experiment, state, num_images: int) -> Dict[str, np.nd
   # attentions are 22 MB per image, so a whole eval batch of them would not fit in memory.
   rows = min(pipeline.per_process_batch_size, -(-num_images // devices) * devices)
   steps = min(pipeline.num_batches, -(-num_images // (rows * jax.process_count())))
-  step_fn = jax.jit(functools.partial(_explain_step, exp.model, exp.task),
+  step_fn = jax.jit(functools.partial(_explain_step, exp.model, exp.task, exp.evaluate_ema),
                     out_shardings=NamedSharding(exp.mesh, P()))
   iterator = iter(pipeline.iterator())
   pieces = []

@@ -28,6 +28,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from cvjax.models import create_model
 from cvjax.tasks import Task, create_task
+from cvjax.train import ema as ema_lib
 from cvjax.train import initialization
 from cvjax.train import sharding as sharding_lib
 from cvjax.train.checkpoint import Checkpointer
@@ -78,6 +79,7 @@ class DataSpec:
 
 
 def _train_step(model, task: Task, tx: optax.GradientTransformation, schedule, frozen,
+                ema_momentum: Optional[Callable[[jax.Array], jax.Array]],
                 state: TrainState, batch: Dict[str, jax.Array]) -> Tuple[TrainState, Dict]:
   step_rng = jax.random.fold_in(state.rng, state.step)
   args, kwargs = task.model_inputs(batch)
@@ -102,18 +104,23 @@ def _train_step(model, task: Task, tx: optax.GradientTransformation, schedule, f
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
   nonfinite_step = jnp.where((state.nonfinite_step < 0) & ~finite, state.step, state.nonfinite_step)
-  new_state = state.replace(step=state.step + 1, params=keep(params, state.params),
-                            batch_stats=keep(batch_stats, state.batch_stats),
-                            opt_state=keep(opt_state, state.opt_state), nonfinite_step=nonfinite_step)
   one = jnp.ones((), jnp.float32)
   metrics = dict(metrics, grad_norm=(grad_norm, one), learning_rate=(schedule(state.step), one))
+  ema = state.ema
+  if ema_momentum is not None:
+    momentum = ema_momentum(state.step)
+    ema = keep(ema_lib.update(state.ema, {"params": params, "batch_stats": batch_stats}, momentum), state.ema)
+    metrics["ema_momentum"] = (momentum, one)
+  new_state = state.replace(step=state.step + 1, params=keep(params, state.params),
+                            batch_stats=keep(batch_stats, state.batch_stats),
+                            opt_state=keep(opt_state, state.opt_state), nonfinite_step=nonfinite_step, ema=ema)
   return new_state, metrics
 
 
-def _eval_step(model, task: Task, state: TrainState, batch: Dict[str, jax.Array]) -> Dict[str, jax.Array]:
+def _eval_step(model, task: Task, use_ema: bool, state: TrainState,
+               batch: Dict[str, jax.Array]) -> Dict[str, jax.Array]:
   args, kwargs = task.model_inputs(batch)
-  outputs = model.apply({"params": state.params, "batch_stats": state.batch_stats}, *args, train=False,
-                        **kwargs)
+  outputs = model.apply(state.eval_variables(use_ema), *args, train=False, **kwargs)
   return task.eval_outputs(outputs, batch)
 
 
@@ -143,6 +150,10 @@ class Experiment:
                             data.things)
     self.model = build_model(config, data.num_classes)
     self.tx, self.schedule = create_optimizer(config.optimizer, config.total_steps)
+    use_ema = ema_lib.enabled(config)
+    self.evaluate_ema = bool(use_ema and config.ema.evaluate)
+    if config.get("ema") is not None and config.ema.evaluate and not use_ema:
+      raise ValueError("config.ema.evaluate=True needs an EMA: set config.ema.momentum > 0")
     init_args, init_kwargs = self.task.model_inputs(data.example_batch)
 
     def init(rng) -> TrainState:
@@ -151,7 +162,7 @@ class Experiment:
                                   **init_kwargs)
       params = variables["params"]
       return TrainState.create(params=params, batch_stats=variables.get("batch_stats", {}),
-                               opt_state=self.tx.init(params), rng=rng)
+                               opt_state=self.tx.init(params), rng=rng, ema=use_ema)
 
     self.rng = jax.random.PRNGKey(config.seed)
     self.abstract_state = jax.eval_shape(init, self.rng)
@@ -162,9 +173,11 @@ class Experiment:
     # Steps are traced with the mesh as the context mesh, so ops can split per-example host work over its
     # 'data' axis (the scipy matcher: cvjax.ops.match_sets(batch_axis='data')).
     self.train_step = sharding_lib.jit_with_mesh(
-        functools.partial(_train_step, self.model, self.task, self.tx, self.schedule, frozen), self.mesh,
+        functools.partial(_train_step, self.model, self.task, self.tx, self.schedule, frozen,
+                          ema_lib.momentum_schedule(config) if use_ema else None), self.mesh,
         donate_argnums=0, out_shardings=(self.state_sharding, replicated))
-    self.eval_step = sharding_lib.jit_with_mesh(functools.partial(_eval_step, self.model, self.task), self.mesh,
+    self.eval_step = sharding_lib.jit_with_mesh(functools.partial(_eval_step, self.model, self.task,
+                                                                  self.evaluate_ema), self.mesh,
                                                 out_shardings=replicated)
     self.checkpointer = Checkpointer(workdir, config.keep_checkpoints)
 
@@ -184,6 +197,8 @@ class Experiment:
         variables = initialization.graft({"params": state.params, "batch_stats": state.batch_stats},
                                          pretrained, init.mapping)
         state = state.replace(params=variables["params"], batch_stats=variables["batch_stats"])
+        if state.ema:
+          state = state.with_ema_reset()
         if jax.process_index() == 0:
           print(f"initialised {dict(init.mapping)} from {source}", flush=True)
       elif init.mapping and jax.process_index() == 0:
@@ -268,7 +283,8 @@ def pretrained_variables(config: ml_collections.ConfigDict, workdir: str) -> Tup
     raise FileNotFoundError(f"no checkpoint in {source_dir} to initialise {config.name} from")
   state, _ = experiment.restore(step)
   experiment.checkpointer.close()
-  return {"params": state.params, "batch_stats": state.batch_stats}, source_dir
+  # The weights the source run evaluated: its EMA when it evaluated that.
+  return state.eval_variables(experiment.evaluate_ema), source_dir
 
 
 def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:

@@ -27,7 +27,9 @@ def test_one_and_eight_devices_give_the_same_losses(launch_cli, data_dir, tmp_pa
   # the gradient norm by 0.2% after one step at lr 0.1, so float32 runs drift apart for reasons unrelated to
   # data parallelism. In float64 they agree to ~1e-7 (the float32 logging precision); a data-parallel bug
   # (BatchNorm statistics per device, loss normalised per shard, misassembled batch) shows up at 1e-2.
-  extra = ["--config.total_steps=5", "--config.checkpoint_every=5", "--config.model.dtype=float64"]
+  # With an EMA of the weights that the evaluations use: it is averaged and restored on both device counts too.
+  extra = ["--config.total_steps=5", "--config.checkpoint_every=5", "--config.model.dtype=float64",
+           "--config.ema.momentum=0.5", "--config.ema.schedule=cosine", "--config.ema.evaluate=True"]
   runs = {}
   for devices in (1, 8):
     workdir = str(tmp_path / f"d{devices}")
