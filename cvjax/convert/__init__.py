@@ -11,3 +11,4 @@ from cvjax.convert import vit as _vit  # noqa: F401  (registers the HF ViT conve
 from cvjax.convert import detr as _detr  # noqa: F401  (registers the HF DETR converter)
 from cvjax.convert import swin as _swin  # noqa: F401  (registers the HF Swin converter)
 from cvjax.convert import maskformer as _maskformer  # noqa: F401  (registers the HF MaskFormer converter)
+from cvjax.convert import mae as _mae  # noqa: F401  (registers the HF ViTMAE converter)
