@@ -61,6 +61,6 @@ def create_task(config: ml_collections.ConfigDict, num_classes: int, class_names
 
   Raises ``KeyError`` listing the registered names when the name is unknown.
   """
-  from cvjax.tasks import (classification, detr, maskformer, rcnn, retinanet,  # noqa: F401  (registers)
+  from cvjax.tasks import (classification, detr, mae, maskformer, rcnn, retinanet,  # noqa: F401  (registers)
                            segmentation, yolact, yolo)
   return TASKS.get(config.task.name)(config, num_classes, class_names, category_ids, ground_truth, things)

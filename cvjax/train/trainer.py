@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import json
 import os
 import time
@@ -26,7 +27,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from cvjax.models import create_model
+from cvjax.models import MODELS, create_model
 from cvjax.tasks import Task, create_task
 from cvjax.train import ema as ema_lib
 from cvjax.train import initialization
@@ -47,7 +48,9 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int):
   name = kwargs.pop("name")
   kwargs["dtype"] = jnp.dtype(kwargs.get("dtype", "float32"))
   if not kwargs.get("num_classes"):
-    kwargs["num_classes"] = num_classes
+    kwargs.pop("num_classes", None)
+    if "num_classes" in inspect.signature(MODELS.get(name)).parameters:  # self-supervised models have none
+      kwargs["num_classes"] = num_classes
   return create_model(name, **kwargs)
 
 
@@ -86,9 +89,10 @@ def _train_step(model, task: Task, tx: optax.GradientTransformation, schedule, f
 
   def loss_fn(params):
     variables = {"params": params, "batch_stats": state.batch_stats}
-    # Two rng streams: ``dropout``, and ``sample`` for models that draw training samples themselves (the
-    # R-CNN family's anchor / RoI sampling); a model ignores a stream it does not use.
-    rngs = {"dropout": step_rng, "sample": jax.random.fold_in(step_rng, 1)}
+    # Three rng streams: ``dropout``, ``sample`` for models that draw training samples themselves (the
+    # R-CNN family's anchor / RoI sampling) and ``mask`` for masked image modelling (MAE's patch masking); a
+    # model ignores a stream it does not use.
+    rngs = {"dropout": step_rng, "sample": jax.random.fold_in(step_rng, 1), "mask": jax.random.fold_in(step_rng, 2)}
     outputs, new_model_state = model.apply(variables, *args, train=True, rngs=rngs, mutable=["batch_stats"],
                                            **kwargs)
     loss, metrics = task.loss(outputs, batch)

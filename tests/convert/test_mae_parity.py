@@ -133,6 +133,14 @@ def test_encode_without_masking_matches_hf_and_grafts_into_vit():
             layer_norm_eps=module.layer_norm_eps)
   pooled = vit.apply({"params": vit_encoder_params(variables["params"], module)}, x_nhwc, train=False)
   np.testing.assert_allclose(pooled, features[:, 0], rtol=1e-5, atol=1e-5)
+  # The same encoder in a ViT with MAE's fixed table (no position parameter): the fine-tuning configs' graft.
+  fixed = ViT(image_size=32, patch_size=8, hidden_size=32, depth=2, num_heads=4, mlp_dim=64, num_classes=0,
+              layer_norm_eps=module.layer_norm_eps, position_embedding="sincos")
+  grafted = {k: v for k, v in vit_encoder_params(variables["params"], module).items() if k != "position_embeddings"}
+  assert jax.tree.structure(fixed.init(jax.random.PRNGKey(0), x_nhwc, train=False)["params"]) == jax.tree.structure(
+      grafted)
+  np.testing.assert_allclose(fixed.apply({"params": grafted}, x_nhwc, train=False), features[:, 0], rtol=1e-5,
+                             atol=1e-5)
 
 
 def test_transformers_4_state_dict_layout_loads_to_the_same_variables():

@@ -136,6 +136,24 @@ class EncoderBlock(nn.Module):
     y = MLP(self.mlp_dim, self.dtype, self.activation, name="mlp")(norm(name="layernorm_after")(x))
     return x + drop_path(dropout(y)), probs
 
+def sincos_position_embedding(grid_h: int, grid_w: int, dim: int, cls_token: bool = True) -> np.ndarray:
+  """The fixed 2-D sin-cos table ``[(1 +) grid_h * grid_w, dim]`` float32 of MAE (and HF's stored tables).
+
+  Row ``r * grid_w + c`` (raster order) is ``[sin(c w) | cos(c w) | sin(r w) | cos(r w)]`` with frequencies
+  ``w_k = 10000 ** (-k / (dim / 4))``, ``k < dim / 4``: the column half first, as MAE's released code (whose
+  swapped h/w names HF reproduces by rotating its halves). ``cls_token`` prepends a row of zeros.
+  """
+  if dim % 4:
+    raise ValueError(f"sin-cos position embeddings need a width divisible by 4, got {dim}")
+  omega = 1.0 / 10000.0 ** (np.arange(dim // 4, dtype=np.float64) / (dim // 4))
+  rows, cols = np.meshgrid(np.arange(grid_h, dtype=np.float64), np.arange(grid_w, dtype=np.float64),
+                           indexing="ij")
+  col_angles, row_angles = np.outer(cols.ravel(), omega), np.outer(rows.ravel(), omega)
+  table = np.concatenate([np.sin(col_angles), np.cos(col_angles), np.sin(row_angles), np.cos(row_angles)], axis=1)
+  if cls_token:
+    table = np.concatenate([np.zeros((1, dim)), table], axis=0)
+  return table.astype(np.float32)
+
 
 class ViT(nn.Module):
   """Vision Transformer classifier.
@@ -156,6 +174,9 @@ class ViT(nn.Module):
     qkv_bias: biases on the q/k/v projections.
     dtype: compute dtype (e.g. ``jnp.bfloat16``); parameters stay float32, logits are returned in float32.
     activation: the MLPs' activation (exact GELU as the paper; HF ``hidden_act``).
+    position_embedding: ``'learned'`` (the paper's ``position_embeddings`` parameter) or ``'sincos'``: the fixed
+      2-D sin-cos table of MAE (``sincos_position_embedding``, zero class-token row; no parameter), as MAE's
+      fine-tuning uses it.
   """
   image_size: IntPair = 224
   patch_size: IntPair = 16
@@ -172,6 +193,7 @@ class ViT(nn.Module):
   qkv_bias: bool = True
   dtype: Any = jnp.float32
   activation: Callable[[jnp.ndarray], jnp.ndarray] = gelu
+  position_embedding: str = "learned"
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, *, train: bool, return_attention: bool = False
@@ -202,8 +224,13 @@ class ViT(nn.Module):
 
     native_hw = (image[0] // patch[0], image[1] // patch[1])
     num_extra = 1 if self.pool == "cls" else 0
-    position = self.param("position_embeddings", nn.initializers.normal(0.02),
-                          (1, num_extra + native_hw[0] * native_hw[1], self.hidden_size))
+    if self.position_embedding == "sincos":
+      position = jnp.asarray(sincos_position_embedding(*native_hw, self.hidden_size, cls_token=bool(num_extra)))[None]
+    elif self.position_embedding == "learned":
+      position = self.param("position_embeddings", nn.initializers.normal(0.02),
+                            (1, num_extra + native_hw[0] * native_hw[1], self.hidden_size))
+    else:
+      raise ValueError(f"position_embedding must be 'learned' or 'sincos', got {self.position_embedding!r}")
     extra, grid = position[:, :num_extra], position[0, num_extra:].reshape(*native_hw, self.hidden_size)
     if grid_hw != native_hw:
       grid = resize_position_grid(grid, grid_hw)

@@ -15,7 +15,7 @@ Conventions:
     position of each original patch in the shuffled order (``argsort(argsort(noise))``).
 
 Randomness: the masking noise is ``noise=`` when given, else drawn from the flax rng stream ``'mask'``
-(``rngs={'mask': key}``; ``init`` falls back to its ``'params'`` key). Dropout (train only) uses ``'dropout'``.
+(``rngs={'mask': key}``; ``init`` falls back to its ``'params'`` key; without the stream, a fixed key). Dropout (train only) uses ``'dropout'``.
 
 Parameter names mirror ``cvjax.models.backbones.vit.ViT`` for the encoder -- ``patch_embedding``,
 ``cls_token``, ``layers_{i}/...``, ``layernorm`` are the ViT's paths unchanged -- and the ViT's learned
@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cvjax.models.backbones.vit import EncoderBlock, dense_init, gelu
+from cvjax.models.backbones.vit import EncoderBlock, dense_init, gelu, sincos_position_embedding
 from cvjax.models.registry import MODELS
 
 # HF / MAE initialise the patch projection as a Linear over the flattened (C, p, p) kernel: Xavier with
@@ -42,23 +42,6 @@ from cvjax.models.registry import MODELS
 _patch_init = nn.initializers.variance_scaling(1.0, "fan_avg", "uniform", in_axis=(0, 1, 2), out_axis=-1)
 
 
-def sincos_position_embedding(grid_h: int, grid_w: int, dim: int, cls_token: bool = True) -> np.ndarray:
-  """The fixed 2-D sin-cos table ``[(1 +) grid_h * grid_w, dim]`` float32 of MAE (and HF's stored tables).
-
-  Row ``r * grid_w + c`` (raster order) is ``[sin(c w) | cos(c w) | sin(r w) | cos(r w)]`` with frequencies
-  ``w_k = 10000 ** (-k / (dim / 4))``, ``k < dim / 4``: the column half first, as MAE's released code (whose
-  swapped h/w names HF reproduces by rotating its halves). ``cls_token`` prepends a row of zeros.
-  """
-  if dim % 4:
-    raise ValueError(f"sin-cos position embeddings need a width divisible by 4, got {dim}")
-  omega = 1.0 / 10000.0 ** (np.arange(dim // 4, dtype=np.float64) / (dim // 4))
-  rows, cols = np.meshgrid(np.arange(grid_h, dtype=np.float64), np.arange(grid_w, dtype=np.float64),
-                           indexing="ij")
-  col_angles, row_angles = np.outer(cols.ravel(), omega), np.outer(rows.ravel(), omega)
-  table = np.concatenate([np.sin(col_angles), np.cos(col_angles), np.sin(row_angles), np.cos(row_angles)], axis=1)
-  if cls_token:
-    table = np.concatenate([np.zeros((1, dim)), table], axis=0)
-  return table.astype(np.float32)
 
 
 def patchify(images: jnp.ndarray, patch_size: int) -> jnp.ndarray:
@@ -228,7 +211,10 @@ class MAE(nn.Module):
       ids_restore = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
     else:
       if noise is None:
-        noise = jax.random.uniform(self.make_rng("mask"), (batch, length))
+        # Without a 'mask' stream (the train loop's evaluation) a fixed key: every evaluation of every
+        # checkpoint masks the same patches, so their losses compare.
+        key = self.make_rng("mask") if self.has_rng("mask") else jax.random.PRNGKey(0)
+        noise = jax.random.uniform(key, (batch, length))
       tokens, mask, ids_restore = random_masking(tokens, noise, mask_ratio)
     # The class token's position row is zero: it is added as is.
     cls = jnp.broadcast_to(self.cls_token, (batch, 1, self.hidden_size)).astype(tokens.dtype)
@@ -276,8 +262,9 @@ def vit_encoder_params(params: Dict[str, Any], module: MAE) -> Dict[str, Any]:
 
   ``patch_embedding``, ``cls_token``, ``layers_{i}`` and ``layernorm`` are copied under the same paths;
   ``position_embeddings [1, 1 + L, hidden_size]`` is the encoder's fixed table (zero class row), which the ViT
-  then learns, as MAE's fine-tuning does. The decoder is dropped; a ``classifier`` head is left to the ViT's
-  init (merge the result into its params).
+  then learns. (MAE's own fine-tuning keeps the table fixed: a ViT with ``position_embedding='sincos'`` has no
+  such parameter and takes the other entries as they are.) The decoder is dropped; a ``classifier`` head is
+  left to the ViT's init (merge the result into its params).
   """
   names = ["patch_embedding", "cls_token", "layernorm"] + [f"layers_{i}" for i in range(module.depth)]
   out = {name: params[name] for name in names}
