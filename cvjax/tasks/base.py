@@ -43,6 +43,19 @@ class Task:
     """Scalar loss to minimise and metrics as (sum, count) pairs."""
     raise NotImplementedError
 
+  def initial_state(self) -> Any:
+    """The task's own state (a pytree of arrays, e.g. DINO's centre of the teacher outputs): part of the train
+    state, checkpointed and restored with it, updated by ``stateful_loss``. Default: none (``{}``)."""
+    return {}
+
+  def stateful_loss(self, outputs: Any, batch: Dict[str, jax.Array], task_state: Any
+                    ) -> Tuple[jax.Array, Metrics, Any]:
+    """What the train step calls: ``(loss, metrics, new task_state)``. The loss is differentiated; the new
+    state is not (it is taken as computed, without gradient), and a step with a non-finite loss keeps the old
+    one. Default: ``loss`` with the state unchanged; a task with state overrides this."""
+    loss, metrics = self.loss(outputs, batch)
+    return loss, metrics, task_state
+
   def eval_outputs(self, outputs: Any, batch: Dict[str, jax.Array]) -> Dict[str, jax.Array]:
     """Per-example arrays (leading batch axis) the host evaluator needs; must include ``mask``."""
     raise NotImplementedError

@@ -14,7 +14,8 @@ class TrainState:
   """``step``: int32 scalar, number of updates applied. ``rng``: raw uint32 key; the step's key is
   ``fold_in(rng, step)``, so a resumed run draws the same randomness. ``nonfinite_step``: -1, or the first
   step whose loss or gradient was NaN/Inf (that step's update was skipped). ``ema``: ``{}``, or the exponential
-  moving average ``{'params', 'batch_stats'}`` of the weights (``cvjax.train.ema``)."""
+  moving average ``{'params', 'batch_stats'}`` of the weights (``cvjax.train.ema``). ``task_state``: the task's
+  own pytree (``Task.initial_state``; ``{}`` for most tasks)."""
 
   step: jax.Array
   params: Any
@@ -23,12 +24,15 @@ class TrainState:
   rng: jax.Array
   nonfinite_step: jax.Array
   ema: Any
+  task_state: Any
 
   @classmethod
-  def create(cls, params, batch_stats, opt_state, rng, ema: bool = False) -> "TrainState":
+  def create(cls, params, batch_stats, opt_state, rng, ema: bool = False, task_state: Any = None
+             ) -> "TrainState":
     """A state at step 0; with ``ema``, its EMA starts as a copy of ``params`` and ``batch_stats``."""
     state = cls(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats, opt_state=opt_state,
-                rng=rng, nonfinite_step=jnp.full((), -1, jnp.int32), ema={})
+                rng=rng, nonfinite_step=jnp.full((), -1, jnp.int32), ema={},
+                task_state={} if task_state is None else task_state)
     return state.with_ema_reset() if ema else state
 
   @property

@@ -95,10 +95,11 @@ def _train_step(model, task: Task, tx: optax.GradientTransformation, schedule, f
     rngs = {"dropout": step_rng, "sample": jax.random.fold_in(step_rng, 1), "mask": jax.random.fold_in(step_rng, 2)}
     outputs, new_model_state = model.apply(variables, *args, train=True, rngs=rngs, mutable=["batch_stats"],
                                            **kwargs)
-    loss, metrics = task.loss(outputs, batch)
-    return loss, (metrics, new_model_state.get("batch_stats", state.batch_stats))
+    loss, metrics, task_state = task.stateful_loss(outputs, batch, state.task_state)
+    return loss, (metrics, new_model_state.get("batch_stats", state.batch_stats), task_state)
 
-  (loss, (metrics, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  (loss, (metrics, batch_stats, task_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  task_state = jax.lax.stop_gradient(task_state)
   grads = drop_frozen_gradients(grads, frozen)  # static: XLA skips the backward that only frozen leaves need
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
@@ -117,7 +118,8 @@ def _train_step(model, task: Task, tx: optax.GradientTransformation, schedule, f
     metrics["ema_momentum"] = (momentum, one)
   new_state = state.replace(step=state.step + 1, params=keep(params, state.params),
                             batch_stats=keep(batch_stats, state.batch_stats),
-                            opt_state=keep(opt_state, state.opt_state), nonfinite_step=nonfinite_step, ema=ema)
+                            opt_state=keep(opt_state, state.opt_state), nonfinite_step=nonfinite_step, ema=ema,
+                            task_state=keep(task_state, state.task_state))
   return new_state, metrics
 
 
@@ -166,7 +168,8 @@ class Experiment:
                                   **init_kwargs)
       params = variables["params"]
       return TrainState.create(params=params, batch_stats=variables.get("batch_stats", {}),
-                               opt_state=self.tx.init(params), rng=rng, ema=use_ema)
+                               opt_state=self.tx.init(params), rng=rng, ema=use_ema,
+                               task_state=self.task.initial_state())
 
     self.rng = jax.random.PRNGKey(config.seed)
     self.abstract_state = jax.eval_shape(init, self.rng)

@@ -9,11 +9,14 @@ import json
 import os
 
 import numpy as np
+import stats_task
+
+STATS_TASK_LAUNCHER = "tests/helpers/stats_task.py"
 
 
-def _losses(workdir):
+def _losses(workdir, key="train/loss"):
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [r["train/loss"] for r in map(json.loads, f) if "train/loss" in r]
+    return [r[key] for r in map(json.loads, f) if key in r]
 
 
 def _args(workdir, data_dir, *extra):
@@ -27,17 +30,25 @@ def test_one_and_eight_devices_give_the_same_losses(launch_cli, data_dir, tmp_pa
   # the gradient norm by 0.2% after one step at lr 0.1, so float32 runs drift apart for reasons unrelated to
   # data parallelism. In float64 they agree to ~1e-7 (the float32 logging precision); a data-parallel bug
   # (BatchNorm statistics per device, loss normalised per shard, misassembled batch) shows up at 1e-2.
-  # With an EMA of the weights that the evaluations use: it is averaged and restored on both device counts too.
+  # With an EMA of the weights that the evaluations use, and a task with state of its own (the test task of
+  # tests/helpers/stats_task.py, run by that script): both are computed and restored on both device counts too.
   extra = ["--config.total_steps=5", "--config.checkpoint_every=5", "--config.model.dtype=float64",
-           "--config.ema.momentum=0.5", "--config.ema.schedule=cosine", "--config.ema.evaluate=True"]
+           "--config.ema.momentum=0.5", "--config.ema.schedule=cosine", "--config.ema.evaluate=True",
+           f"--config.task.name={stats_task.NAME}"]
   runs = {}
   for devices in (1, 8):
     workdir = str(tmp_path / f"d{devices}")
-    result = launch_cli(_args(workdir, data_dir, *extra), devices=devices, env={"JAX_ENABLE_X64": "1"})
+    result = launch_cli(_args(workdir, data_dir, *extra), devices=devices, env={"JAX_ENABLE_X64": "1"},
+                        program=STATS_TASK_LAUNCHER)
     assert result.returncode == 0, result.stdout + result.stderr
     runs[devices] = _losses(workdir)
   assert len(runs[1]) == 5
   np.testing.assert_allclose(runs[8], runs[1], rtol=0, atol=1e-5)
+  # The task's state, as it logs it every step: the same on both device counts.
+  for key in ("train/examples_seen", "train/centre_norm"):
+    logged = [_losses(str(tmp_path / f"d{d}"), key) for d in (1, 8)]
+    assert len(logged[0]) == 5 and logged[0][0] > 0
+    np.testing.assert_allclose(logged[1], logged[0], rtol=0, atol=1e-6)
 
   # Each checkpoint restores on the other device count (--mode=eval 8 -> 1 and 1 -> 8) and evaluates as the
   # other run's own final eval did (written when its training ended, from parameters equal to ~1e-7).
@@ -47,7 +58,7 @@ def test_one_and_eight_devices_give_the_same_losses(launch_cli, data_dir, tmp_pa
       trained[devices] = json.load(f)
   for written, restored in ((8, 1), (1, 8)):
     result = launch_cli(_args(str(tmp_path / f"d{written}"), data_dir, *extra, "--mode=eval"), devices=restored,
-                        env={"JAX_ENABLE_X64": "1"})
+                        env={"JAX_ENABLE_X64": "1"}, program=STATS_TASK_LAUNCHER)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "resuming from step 5" in result.stdout
     with open(tmp_path / f"d{written}" / "eval" / "step_5.json") as f:
