@@ -26,8 +26,6 @@ POSITION_KEYS = ("vit.embeddings.position_embeddings", "decoder.decoder_pos_embe
 # Agreement asked of a stored table with the computed one (both are float64 sin/cos rounded to float32).
 POSITION_ATOL = 1e-5
 # Leaves that are bare ``nn.Parameter`` tensors in HF.
-_BARE_LEAVES = {"cls_token": "vit.embeddings.cls_token", "mask_token": "decoder.mask_token"}
-
 # ViTMAEConfig field -> what mae_from_transformers does with it (see cvjax.convert.huggingface).
 CONFIG_FIELDS = {
     "hidden_size": "MAE.hidden_size",
@@ -56,17 +54,14 @@ CONFIG_FIELDS = {
 
 def hf_mae_key(path: Tuple[str, ...]) -> str:
   """cvjax MAE parameter path -> HF state_dict key (``('decoder_layers_1', 'mlp', 'fc1', 'kernel')`` ->
-  ``'decoder.decoder_layers.1.mlp.fc1.weight'``)."""
+  ``'decoder.decoder_layers.1.mlp.fc1.weight'``); the encoder's paths are the ViT's (``vit.hf_vit_key``)."""
   *modules, leaf = path
-  if not modules:
-    return _BARE_LEAVES[leaf]
+  if path == ("mask_token",):
+    return "decoder.mask_token"
+  if not modules or not modules[0].startswith("decoder_"):
+    return vit.hf_vit_key(path)
   head, *rest = modules
-  if head == "patch_embedding":
-    prefix = "vit.embeddings.patch_embeddings.projection"
-  elif head.startswith("decoder_"):
-    prefix = "decoder." + re.sub(r"^decoder_layers_(\d+)$", r"decoder_layers.\1", head)
-  else:
-    prefix = "vit." + re.sub(r"^layers_(\d+)$", r"layers.\1", head)
+  prefix = "decoder." + re.sub(r"^decoder_layers_(\d+)$", r"decoder_layers.\1", head)
   return ".".join([prefix, *rest, common.TORCH_LEAF_NAMES[leaf]])
 
 
