@@ -4,14 +4,21 @@ Presets:
   default           fine-tunes configs/vit.py's default ViT (8x8 patches of 4x4 pixels, width 64, 4 blocks; its
                     data, optimizer and schedule) from the encoder of the `pretrain` run, trained first in
                     <workdir>/pretrain; the position embeddings are MAE's fixed sin-cos table, as in MAE's
-                    fine-tuning. Not measured yet.
+                    fine-tuning. Measured 2026-12-04 (`python launch.py --config=configs/mae.py`, data
+                    already generated, other jobs sharing the 2 cores for part of it): pretraining 8.8 min,
+                    then fine-tuning validation top-1 0.340 / 0.390 / 0.411 / 0.438 / 0.445 at steps 1k..5k
+                    (6.7 min), where the same ViT from scratch (configs/vit.py, 5.4 min) gives 0.252 / 0.290 /
+                    0.318 / 0.281 / 0.288: MAE's encoder starts it far higher at equal fine-tuning steps. Still
+                    far from the 90% a ResNet reaches.
   pretrain          MAE pre-training of that encoder on the generated `shapes` classification images (labels
                     unused) at 32x32: mask ratio 0.75, normalised-pixel targets, a 2-block width-64 decoder,
                     random resized crops of area 0.2..1 as the paper, AdamW (0.9, 0.95), weight decay 0.05,
                     lr 1e-3 (the paper's 1.5e-4 x batch / 256 is for 800 ImageNet epochs), 50 warm-up steps,
                     cosine, batch 128, 2,000 steps. Evaluations write the masked-patch loss of the validation
                     split (the same patches at every evaluation) and reconstruction PNGs
-                    (<workdir>/eval/reconstruction_step_N.png). Not measured yet.
+                    (<workdir>/eval/reconstruction_step_N.png). Measured: 5 steps/s alone on 2 cores; train
+                    loss 0.24 at step 500, 0.17 at 2,000; validation masked-patch loss 0.246 (step 1,000),
+                    0.232 (2,000); the reconstructions recover each shape and its colour.
   imagenet_vit_b16  the paper's ViT-B/16 pre-training recipe (Sec. 4, Appendix A.1, Table 8): ImageNet-1k train
                     at 224, random resized crop (area 0.2..1) + flip, mask 0.75, normalised pixels, decoder 512
                     wide / 8 blocks, AdamW (0.9, 0.95), weight decay 0.05, base lr 1.5e-4 x batch / 256 at batch
