@@ -38,7 +38,7 @@ from transformers import DetrConfig, DetrForObjectDetection, ResNetConfig  # noq
 
 from cvjax.convert import from_transformers  # noqa: E402
 from cvjax.train.config import load_config_file  # noqa: E402
-from train_step import launcher_step, median_seconds  # noqa: E402
+from train_step import launcher_step, print_side_by_side  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -152,14 +152,7 @@ def main():
         f"{os.cpu_count()} cores, torch threads {args.threads}); median of {args.steps} round-robin steps after "
         f"warm-up (cvjax's first step, compilation included: {compile_seconds:.0f} s); load average before: "
         f"{os.getloadavg()[0]:.1f}")
-  times = median_seconds(steps, args.steps)
-  reference = times["HF pytorch (eager)"]
-  for name, seconds in times.items():
-    print(f"  {name:20s} {seconds * 1e3:9.1f} ms/step")
-  print(f"  HF time / cvjax time: {reference / times['cvjax (jit)']:.2f} (above 1: cvjax is faster)")
-  # Sanity, not parity: same magnitude, not the same value (dropout; HF's auxiliary_loss path differs).
-  print("  loss of one more step: " + ", ".join(f"{name} {step():.3f}" for name, step in steps.items()))
-  print(f"  load average after: {os.getloadavg()[0]:.1f}")
+  print_side_by_side(steps, args.steps, "HF pytorch (eager)", "dropout; HF's auxiliary_loss path differs")
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ from transformers.models.vit_mae import modeling_vit_mae  # noqa: E402
 from cvjax.convert import from_transformers  # noqa: E402
 from cvjax.train.config import load_config_file  # noqa: E402
 from cvjax.train.trainer import build_model  # noqa: E402
-from train_step import launcher_step, median_seconds  # noqa: E402
+from train_step import launcher_step, print_side_by_side  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -140,14 +140,7 @@ def main():
         f"{args.threads}, HF attention {hf_model.config._attn_implementation!r}); median of {args.steps} "
         f"round-robin steps after warm-up (cvjax's first step, compilation included: {compile_seconds:.0f} s); "
         f"load average before: {load_before:.1f}")
-  times = median_seconds(steps, args.steps)
-  reference = times["HF pytorch (eager)"]
-  for name, seconds in times.items():
-    print(f"  {name:20s} {seconds * 1e3:9.1f} ms/step")
-  print(f"  HF time / cvjax time: {reference / times['cvjax (jit)']:.2f} (above 1: cvjax is faster)")
-  # Sanity, not parity: same magnitude, not the same value (each side draws its own masks).
-  print("  loss of one more step: " + ", ".join(f"{name} {step():.3f}" for name, step in steps.items()))
-  print(f"  load average after: {os.getloadavg()[0]:.1f}")
+  print_side_by_side(steps, args.steps, "HF pytorch (eager)", "each side draws its own masks")
 
 
 if __name__ == "__main__":

@@ -117,6 +117,20 @@ def median_seconds(steps: Dict[str, Callable[[], None]], repeats: int, warmup: i
   return {name: statistics.median(t) for name, t in times.items()}
 
 
+def print_side_by_side(steps: Dict[str, Callable[[], float]], repeats: int, reference: str,
+                       why_losses_differ: str, ours: str = "cvjax (jit)") -> None:
+  """Times ``steps`` round-robin (``median_seconds``) and prints each median, the reference time over ours
+  (above 1: cvjax faster), one more step's loss of each side -- a sanity check of magnitude, not parity, for
+  the reason ``why_losses_differ`` -- and the load average after."""
+  times = median_seconds(steps, repeats)
+  for name, seconds in times.items():
+    print(f"  {name:20s} {seconds * 1e3:9.1f} ms/step")
+  print(f"  {reference.split()[0]} time / cvjax time: {times[reference] / times[ours]:.2f} (above 1: cvjax is faster)")
+  print(f"  loss of one more step ({why_losses_differ}): "
+        + ", ".join(f"{name} {step():.3f}" for name, step in steps.items()))
+  print(f"  load average after: {os.getloadavg()[0]:.1f}")
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--model", default="resnet18", choices=["resnet18", "resnet34", "resnet50", "resnet101",
