@@ -15,22 +15,14 @@ import jax
 import jax.numpy as jnp
 
 from cvjax.evaluation.reconstruction import ReconstructionEvaluator
-from cvjax.models.ssl.mae import patchify
+from cvjax.models.ssl import mae
 from cvjax.tasks.base import TASKS, Task
 
 
-def _patch_size(images: jax.Array, logits: jax.Array) -> int:
-  """``p`` from ``logits [B, L, p*p*C]`` and the images' ``C``."""
-  return math.isqrt(logits.shape[-1] // images.shape[-1])
-
-
 def per_patch_loss(images: jax.Array, logits: jax.Array, norm_pix_loss: bool) -> jax.Array:
-  """``[B, L]`` mean squared error of each predicted patch against its (normalised) pixels, the terms that
-  ``cvjax.models.ssl.mae.mae_loss`` averages over the removed patches."""
-  target = patchify(images.astype(jnp.float32), _patch_size(images, logits))
-  if norm_pix_loss:
-    target = (target - target.mean(-1, keepdims=True)) / jnp.sqrt(target.var(-1, keepdims=True, ddof=1) + 1e-6)
-  return jnp.mean(jnp.square(logits.astype(jnp.float32) - target), axis=-1)
+  """``[B, L]`` loss of each predicted patch (``cvjax.models.ssl.mae.per_patch_loss``), the patch size read
+  from ``logits [B, L, p*p*C]`` and the images' ``C``."""
+  return mae.per_patch_loss(images, logits, math.isqrt(logits.shape[-1] // images.shape[-1]), norm_pix_loss)
 
 
 @TASKS.register("masked_image_modeling")

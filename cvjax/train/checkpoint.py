@@ -79,6 +79,11 @@ class Checkpointer:
         state=ocp.args.StandardRestore(abstract_state), data=DataStateRestore()))
     return restored.state, restored.data
 
+  def saved_state_fields(self, step: int) -> list:
+    """The top-level keys of checkpoint ``step``'s saved state (the ``TrainState`` field names it has)."""
+    metadata = ocp.StandardCheckpointer().metadata(self.directory / str(step) / "state")
+    return list(metadata.item_metadata.tree.keys())
+
   def wait(self) -> None:
     """Blocks until an in-flight asynchronous save has been committed."""
     self.manager.wait_until_finished()

@@ -49,7 +49,9 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int):
   kwargs["dtype"] = jnp.dtype(kwargs.get("dtype", "float32"))
   if not kwargs.get("num_classes"):
     kwargs.pop("num_classes", None)
-    if "num_classes" in inspect.signature(MODELS.get(name)).parameters:  # self-supervised models have none
+    parameters = inspect.signature(MODELS.get(name)).parameters
+    # Self-supervised models (MAE) have no classes; a factory taking **kwargs may pass them on.
+    if "num_classes" in parameters or any(p.kind == p.VAR_KEYWORD for p in parameters.values()):
       kwargs["num_classes"] = num_classes
   return create_model(name, **kwargs)
 
@@ -226,7 +228,20 @@ class Experiment:
     """Checkpoint ``step`` of the workdir on this experiment's shardings: (state, data-iterator state)."""
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           self.abstract_state, self.state_sharding)
-    return self.checkpointer.restore(step, target)
+    fields = [field.name for field in dataclasses.fields(TrainState)]
+    saved = self.checkpointer.saved_state_fields(step)
+    absent = [name for name in fields if name not in saved]
+    if not absent:
+      return self.checkpointer.restore(step, target)
+    # A checkpoint written before a state field existed (``ema``, ``task_state``) restores when this run leaves
+    # that field empty too; a run that needs it (an EMA, a stateful task) cannot invent it.
+    needed = [name for name in absent if jax.tree.leaves(getattr(target, name))]
+    if needed:
+      raise ValueError(f"checkpoint {step} in {self.checkpointer.directory} has no {needed} (it was written by a "
+                       "run without them, e.g. without config.ema); train this config in a new workdir")
+    restored, data_state = self.checkpointer.restore(step, {name: getattr(target, name) for name in fields
+                                                            if name in saved})
+    return TrainState(**restored, **{name: {} for name in absent}), data_state
 
   def evaluate(self, state: TrainState) -> Tuple[Dict[str, float], Dict]:
     """One pass over the eval split; every real example counted once across processes."""

@@ -95,3 +95,20 @@ def test_ema_follows_the_weights_resumes_exactly_and_is_what_is_evaluated(load_c
   trained, _ = plain_exp.evaluate(state)
   assert with_ema["loss"] == pytest.approx(as_weights["loss"], abs=1e-6)
   assert abs(with_ema["loss"] - trained["loss"]) > 1e-4
+
+
+def test_checkpoints_from_before_the_ema_field_restore_and_an_ema_run_refuses_them(load_config, data_dir, tmp_path):
+  # A checkpoint as the train state was saved before it had `ema` and `task_state`.
+  workdir = str(tmp_path / "old")
+  config = load_config("configs/resnet.py", "tiny", data_dir=data_dir)
+  exp = Experiment(config, workdir, train=False)
+  state, _ = exp.initial_state()
+  old = {k: getattr(state, k) for k in ("step", "params", "batch_stats", "opt_state", "rng", "nonfinite_step")}
+  exp.checkpointer.save(1, old, {})
+  exp.checkpointer.wait()
+  restored, _ = Experiment(config, workdir, train=False).restore(1)
+  assert restored.ema == {} and restored.task_state == {}
+  _close(restored.params, state.params, atol=0)
+  with_ema = load_config("configs/resnet.py", "tiny", data_dir=data_dir, **{"ema.momentum": 0.5})
+  with pytest.raises(ValueError, match="has no \\['ema'\\]"):
+    Experiment(with_ema, workdir, train=False).restore(1)

@@ -69,29 +69,32 @@ def unpatchify(patches: jnp.ndarray, patch_size: int, grid_hw: Tuple[int, int], 
   return x.reshape(batch, grid_h * patch_size, grid_w * patch_size, channels)
 
 
-def mae_loss(images: jnp.ndarray, logits: jnp.ndarray, mask: jnp.ndarray, patch_size: int,
-             norm_pix_loss: bool = True) -> jnp.ndarray:
-  """MAE's pixel loss, HF ``ViTMAEForPreTraining.forward_loss``: a float32 scalar.
+def per_patch_loss(images: jnp.ndarray, logits: jnp.ndarray, patch_size: int, norm_pix_loss: bool = True
+                   ) -> jnp.ndarray:
+  """``[B, L]`` float32: each predicted patch's mean squared error against its pixels, normalised per patch
+  with ``norm_pix_loss`` as ``(x - mean) / sqrt(var + 1e-6)`` with the unbiased (``ddof=1``) variance, as
+  torch's ``Tensor.var`` in HF's ``forward_loss`` (Table 3 of the paper: better representations).
 
   Args:
     images: the model's input ``[B, H, W, C]``.
     logits: predicted patches ``[B, L, p*p*C]`` (``patchify`` layout).
-    mask: ``[B, L]``, 1 = removed; only removed patches count.
     patch_size: ``p``.
-    norm_pix_loss: targets normalised per patch, ``(x - mean) / sqrt(var + 1e-6)`` with the unbiased
-      (``ddof=1``) variance as torch's ``Tensor.var`` (Table 3 of the paper: better representations).
-
-  Returns:
-    ``sum_{b,l} mask * mean_over_pixels((logits - target)^2) / sum(mask)`` (NaN if nothing is removed, as HF).
   """
   target = patchify(images.astype(jnp.float32), patch_size)
   if norm_pix_loss:
     mean = jnp.mean(target, axis=-1, keepdims=True)
     var = jnp.var(target, axis=-1, keepdims=True, ddof=1)
     target = (target - mean) / jnp.sqrt(var + 1e-6)
-  per_patch = jnp.mean(jnp.square(logits.astype(jnp.float32) - target), axis=-1)
+  return jnp.mean(jnp.square(logits.astype(jnp.float32) - target), axis=-1)
+
+
+def mae_loss(images: jnp.ndarray, logits: jnp.ndarray, mask: jnp.ndarray, patch_size: int,
+             norm_pix_loss: bool = True) -> jnp.ndarray:
+  """MAE's pixel loss, HF ``ViTMAEForPreTraining.forward_loss``: a float32 scalar, the ``per_patch_loss``
+  averaged over the removed patches (``mask [B, L]``, 1 = removed): ``sum(mask * per_patch) / sum(mask)`` (NaN
+  if nothing is removed, as HF; the train task guards that)."""
   mask = mask.astype(jnp.float32)
-  return jnp.sum(per_patch * mask) / jnp.sum(mask)
+  return jnp.sum(per_patch_loss(images, logits, patch_size, norm_pix_loss) * mask) / jnp.sum(mask)
 
 
 def random_masking(tokens: jnp.ndarray, noise: jnp.ndarray, mask_ratio: float
